@@ -1,0 +1,3 @@
+//! Nomad plugin adapter: handshake, gRPC services, configuration and task lifecycle.
+
+pub mod plugin;

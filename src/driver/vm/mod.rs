@@ -1,0 +1,1 @@
+//! One VM under control: QEMU command line, process, QMP session and lifecycle.

@@ -1,0 +1,1 @@
+//! Detection of the host's QEMU emulators, their version and whether KVM is usable.

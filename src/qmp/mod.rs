@@ -1,0 +1,1 @@
+//! Async QMP client: line codec, session set-up, command routing and events.

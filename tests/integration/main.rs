@@ -1,0 +1,1 @@
+//! Integration tests against real QEMU and a real Nomad agent.
