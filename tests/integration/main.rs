@@ -1,1 +1,9 @@
 //! Integration tests against real QEMU and a real Nomad agent.
+//!
+//! Guests come from `fixtures/build-guests.sh`; a missing guest or QEMU binary fails the test
+//! with the command to run, it never skips it.
+
+mod qmp_faults;
+mod qmp_real;
+mod support;
+mod vm_lifecycle;
