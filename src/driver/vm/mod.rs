@@ -1,1 +1,2 @@
 //! One VM under control: QEMU command line, process, QMP session and lifecycle.
+pub mod argv;
