@@ -1,3 +1,4 @@
 //! Nomad plugin adapter: handshake, gRPC services, configuration and task lifecycle.
 
 pub mod plugin;
+pub mod proto;
