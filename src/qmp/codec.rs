@@ -1,0 +1,163 @@
+//! Newline-delimited JSON framing for QMP.
+//!
+//! QEMU ends every message with `\r\n`. The decoder also accepts a bare `\n`, strips the
+//! terminator and yields the line's bytes, so JSON parsing and the policy for invalid JSON stay
+//! in the client. The encoder writes one JSON object without a trailing newline: QEMU's JSON
+//! stream parser does not need one, and a newline that QEMU has not read when it exits (after
+//! `quit`) makes the kernel reset the connection instead of closing it.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use tokio_util::codec::{Decoder, Encoder};
+
+use super::error::Error;
+
+/// Default maximum line length: 16 MiB. `query-qmp-schema` replies are a few MiB on QEMU 7.2
+/// and 10.0, which is the largest reply the driver may see.
+pub const DEFAULT_MAX_LINE_LENGTH: usize = 16 * 1024 * 1024;
+
+/// Line codec for a QMP stream, with a maximum line length.
+///
+/// A line longer than the maximum is never buffered whole: the decoder discards its bytes as
+/// they arrive and, once its newline shows up, returns [`Error::LineTooLong`] with the line's
+/// full size. The decoder is not meant to be used after an error.
+#[derive(Debug, Clone)]
+pub struct QmpCodec {
+    max_line_length: usize,
+    /// Bytes of `buf` already searched for a newline, so a line split across many reads is
+    /// scanned once.
+    searched: usize,
+    /// Size of the oversized line being discarded, if any.
+    discarding: Option<usize>,
+}
+
+impl QmpCodec {
+    /// Creates a codec that rejects lines longer than `max_line_length` bytes (terminator
+    /// excluded).
+    pub fn new(max_line_length: usize) -> Self {
+        Self {
+            max_line_length,
+            searched: 0,
+            discarding: None,
+        }
+    }
+
+    /// Returns the maximum line length in bytes.
+    pub fn max_line_length(&self) -> usize {
+        self.max_line_length
+    }
+
+    fn discard(
+        &mut self,
+        buf: &mut BytesMut,
+        discarded_so_far: usize,
+    ) -> Result<Option<Bytes>, Error> {
+        match buf.iter().position(|&b| b == b'\n') {
+            Some(newline) => {
+                let size = discarded_so_far + trim_cr_len(&buf[..newline]);
+                buf.advance(newline + 1);
+                self.discarding = None;
+                self.searched = 0;
+                Err(Error::LineTooLong {
+                    size,
+                    max: self.max_line_length,
+                })
+            }
+            None => {
+                // Keep a final `\r`: if the newline comes next, it belongs to the terminator.
+                let keep = usize::from(buf.last() == Some(&b'\r'));
+                let dropped = buf.len() - keep;
+                buf.advance(dropped);
+                self.discarding = Some(discarded_so_far + dropped);
+                Ok(None)
+            }
+        }
+    }
+}
+
+impl Default for QmpCodec {
+    fn default() -> Self {
+        Self::new(DEFAULT_MAX_LINE_LENGTH)
+    }
+}
+
+/// Length of `line` without one trailing `\r`.
+fn trim_cr_len(line: &[u8]) -> usize {
+    match line.last() {
+        Some(b'\r') => line.len() - 1,
+        _ => line.len(),
+    }
+}
+
+impl Decoder for QmpCodec {
+    type Item = Bytes;
+    type Error = Error;
+
+    fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Bytes>, Error> {
+        loop {
+            if let Some(discarded) = self.discarding {
+                return self.discard(buf, discarded);
+            }
+
+            // Search one byte past the maximum: that byte may be the line's `\r` or `\n`.
+            let limit = buf.len().min(self.max_line_length.saturating_add(2));
+            let newline = buf[self.searched..limit]
+                .iter()
+                .position(|&b| b == b'\n')
+                .map(|offset| self.searched + offset);
+
+            let Some(newline) = newline else {
+                if buf.len() > self.max_line_length.saturating_add(1) {
+                    // No newline within the maximum: the line is too long whatever follows.
+                    self.discarding = Some(0);
+                    continue;
+                }
+                self.searched = limit;
+                return Ok(None);
+            };
+
+            self.searched = 0;
+            let mut line = buf.split_to(newline + 1);
+            line.truncate(trim_cr_len(&line[..newline]));
+            if line.len() > self.max_line_length {
+                return Err(Error::LineTooLong {
+                    size: line.len(),
+                    max: self.max_line_length,
+                });
+            }
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            return Ok(Some(line.freeze()));
+        }
+    }
+
+    fn decode_eof(&mut self, buf: &mut BytesMut) -> Result<Option<Bytes>, Error> {
+        if let Some(line) = self.decode(buf)? {
+            return Ok(Some(line));
+        }
+        if let Some(discarded) = self.discarding.take() {
+            let len = discarded + buf.len();
+            buf.clear();
+            return Err(Error::TruncatedLine { len });
+        }
+        if buf.iter().all(u8::is_ascii_whitespace) {
+            buf.clear();
+            return Ok(None);
+        }
+        let len = buf.len();
+        buf.clear();
+        self.searched = 0;
+        Err(Error::TruncatedLine { len })
+    }
+}
+
+/// Writes one outgoing QMP message as compact JSON with no newline.
+impl Encoder<&serde_json::Value> for QmpCodec {
+    type Error = Error;
+
+    fn encode(&mut self, message: &serde_json::Value, buf: &mut BytesMut) -> Result<(), Error> {
+        // Serializing a `Value` into memory fails only if the writer fails, and this one cannot.
+        serde_json::to_writer(buf.writer(), message).map_err(std::io::Error::from)?;
+        Ok(())
+    }
+}
