@@ -653,3 +653,281 @@ impl Incoming {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+    const GREETING: &str = r#"{"QMP": {"version": {"qemu": {"micro": 2, "minor": 0, "major": 10}, "package": "test"}, "capabilities": ["oob"]}}"#;
+
+    /// The server end of an in-memory QMP session.
+    struct Peer {
+        stream: DuplexStream,
+        buf: Vec<u8>,
+    }
+
+    impl Peer {
+        async fn send(&mut self, line: &str) {
+            self.stream.write_all(line.as_bytes()).await.unwrap();
+            self.stream.write_all(b"\r\n").await.unwrap();
+        }
+
+        /// Reads one request. Requests carry no newline, so this parses a JSON stream.
+        async fn request(&mut self) -> Value {
+            loop {
+                let mut values =
+                    serde_json::Deserializer::from_slice(&self.buf).into_iter::<Value>();
+                if let Some(Ok(value)) = values.next() {
+                    let used = values.byte_offset();
+                    self.buf.drain(..used);
+                    return value;
+                }
+                let mut chunk = [0u8; 4096];
+                let n = self.stream.read(&mut chunk).await.unwrap();
+                assert!(n > 0, "client closed the stream");
+                self.buf.extend_from_slice(&chunk[..n]);
+            }
+        }
+
+        async fn reply(&mut self, id: &Value, value: Value) {
+            self.send(&json!({"return": value, "id": id}).to_string())
+                .await;
+        }
+    }
+
+    fn pair() -> (
+        Negotiating<ReadHalf<DuplexStream>, WriteHalf<DuplexStream>>,
+        Peer,
+    ) {
+        let (ours, theirs) = tokio::io::duplex(64 * 1024);
+        let config = Config {
+            event_queue_capacity: 2,
+            ..Config::default()
+        };
+        (
+            Negotiating::new(ours, config),
+            Peer {
+                stream: theirs,
+                buf: Vec::new(),
+            },
+        )
+    }
+
+    async fn connected() -> (Client, Peer) {
+        let (session, mut peer) = pair();
+        let negotiation = tokio::spawn(session.negotiate(Duration::from_secs(5)));
+        peer.send(GREETING).await;
+        let request = peer.request().await;
+        assert_eq!(request, json!({"execute": "qmp_capabilities", "id": 0}));
+        peer.reply(&request["id"], json!({})).await;
+        (negotiation.await.unwrap().unwrap(), peer)
+    }
+
+    fn event(name: &str) -> String {
+        json!({"event": name, "timestamp": {"seconds": 1, "microseconds": 2}}).to_string()
+    }
+
+    #[tokio::test]
+    async fn negotiate_keeps_greeting() {
+        let (client, _peer) = connected().await;
+        assert_eq!(client.greeting().version.qemu.major, 10);
+        assert_eq!(client.greeting().capabilities, vec!["oob".to_owned()]);
+    }
+
+    #[tokio::test]
+    async fn negotiate_delivers_early_events() {
+        let (mut session, mut peer) = pair();
+        let mut events = session.subscribe();
+        let negotiation = tokio::spawn(session.negotiate(Duration::from_secs(5)));
+        peer.send(&event("RESUME")).await;
+        peer.send(GREETING).await;
+        let request = peer.request().await;
+        peer.send(&event("STOP")).await;
+        peer.reply(&request["id"], json!({})).await;
+        let _client = negotiation.await.unwrap().unwrap();
+        assert_eq!(events.recv().await.unwrap().kind, EventKind::Resume);
+        assert_eq!(events.recv().await.unwrap().kind, EventKind::Stop);
+    }
+
+    #[tokio::test]
+    async fn negotiate_rejects_reply_as_greeting() {
+        let (session, mut peer) = pair();
+        let negotiation = tokio::spawn(session.negotiate(Duration::from_secs(5)));
+        peer.send(r#"{"return": {}}"#).await;
+        let error = negotiation.await.unwrap().unwrap_err();
+        assert!(matches!(error, Error::InvalidGreeting { .. }), "{error:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn negotiate_timeout() {
+        let (session, _peer) = pair();
+        let error = session.negotiate(Duration::from_secs(3)).await.unwrap_err();
+        assert!(
+            matches!(error, Error::NegotiationTimedOut { after } if after == Duration::from_secs(3)),
+            "{error:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn replies_routed_by_id() {
+        let (client, mut peer) = connected().await;
+        let first = tokio::spawn({
+            let client = client.clone();
+            async move { client.execute("first", None).await }
+        });
+        let first_request = peer.request().await;
+        let second = tokio::spawn({
+            let client = client.clone();
+            async move { client.execute("second", Some(json!({"x": 1}))).await }
+        });
+        let second_request = peer.request().await;
+        assert_eq!(second_request["arguments"], json!({"x": 1}));
+        assert!(first_request.get("arguments").is_none());
+
+        peer.reply(&second_request["id"], json!("two")).await;
+        peer.reply(&first_request["id"], json!("one")).await;
+        assert_eq!(first.await.unwrap().unwrap(), json!("one"));
+        assert_eq!(second.await.unwrap().unwrap(), json!("two"));
+    }
+
+    #[tokio::test]
+    async fn qmp_error_typed() {
+        let (client, mut peer) = connected().await;
+        let call = tokio::spawn(async move { client.execute("nope", None).await });
+        let request = peer.request().await;
+        peer.send(&json!({"error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}, "id": request["id"]}).to_string()).await;
+        let error = call.await.unwrap().unwrap_err();
+        match error {
+            Error::Qmp {
+                command,
+                class,
+                desc,
+            } => {
+                assert_eq!(command, "nope");
+                assert_eq!(class, ErrorClass::CommandNotFound);
+                assert_eq!(desc, "The command nope has not been found");
+            }
+            other => panic!("expected a QMP error, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn unknown_id_and_invalid_line_skipped() {
+        let (client, mut peer) = connected().await;
+        let caller = client.clone();
+        let call = tokio::spawn(async move { caller.execute("query-status", None).await });
+        let request = peer.request().await;
+        peer.reply(&json!(999), json!("stray")).await;
+        peer.send("this is not JSON").await;
+        peer.send("[1, 2]").await;
+        peer.reply(&request["id"], json!("ok")).await;
+        assert_eq!(call.await.unwrap().unwrap(), json!("ok"));
+        assert_eq!(
+            client.counters(),
+            SessionCounters {
+                invalid_lines: 2,
+                unexpected_messages: 1
+            }
+        );
+        assert!(!client.is_closed());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn command_timeout() {
+        let (client, mut peer) = connected().await;
+        let caller = client.clone();
+        let call = tokio::spawn(async move {
+            caller
+                .call_within(
+                    &super::super::commands::QueryStatus,
+                    Duration::from_millis(1500),
+                )
+                .await
+        });
+        let request = peer.request().await;
+        let error = call.await.unwrap().unwrap_err();
+        assert!(
+            matches!(&error, Error::TimedOut { command, after } if command == "query-status" && *after == Duration::from_millis(1500)),
+            "{error:?}"
+        );
+        // The late reply is skipped, and the session keeps working.
+        peer.reply(
+            &request["id"],
+            json!({"status": "running", "running": true}),
+        )
+        .await;
+        let caller = client.clone();
+        let call = tokio::spawn(async move { caller.execute("cont", None).await });
+        let request = peer.request().await;
+        peer.reply(&request["id"], json!({})).await;
+        assert_eq!(call.await.unwrap().unwrap(), json!({}));
+        assert_eq!(client.counters().unexpected_messages, 1);
+    }
+
+    #[tokio::test]
+    async fn close_fails_pending_and_new() {
+        let (client, mut peer) = connected().await;
+        let mut events = client.subscribe();
+        let caller = client.clone();
+        let call = tokio::spawn(async move { caller.execute("quit", None).await });
+        peer.request().await;
+        drop(peer);
+        let error = call.await.unwrap().unwrap_err();
+        assert!(matches!(error, Error::ConnectionClosed), "{error:?}");
+        assert!(matches!(client.closed().await, CloseReason::Eof));
+        let error = client.execute("query-status", None).await.unwrap_err();
+        assert!(matches!(error, Error::ConnectionClosed), "{error:?}");
+        assert_eq!(events.recv().await, None);
+        assert!(client.subscribe().recv().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn close_on_truncated_line() {
+        let (client, mut peer) = connected().await;
+        peer.stream.write_all(br#"{"return": "#).await.unwrap();
+        drop(peer);
+        match client.closed().await {
+            CloseReason::Failed(error) => {
+                assert!(
+                    matches!(*error, Error::TruncatedLine { len: 11 }),
+                    "{error:?}"
+                );
+            }
+            other => panic!("expected a failure, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn queue_keeps_lifecycle_events() {
+        let (client, mut peer) = connected().await;
+        let mut events = client.subscribe();
+        for name in ["BALLOON_CHANGE", "X1", "X2", "STOP", "X3", "RESUME"] {
+            peer.send(&event(name)).await;
+        }
+        drop(peer);
+        client.closed().await;
+
+        let mut names = Vec::new();
+        while let Some(event) = events.recv().await {
+            names.push(event.kind.name().to_owned());
+        }
+        // Capacity 2: BALLOON_CHANGE lacks its data and stays untyped, X1 fills the queue,
+        // X2 and X3 are dropped, and the lifecycle events always pass.
+        assert_eq!(names, ["BALLOON_CHANGE", "X1", "STOP", "RESUME"]);
+        assert_eq!(events.dropped(), 2);
+    }
+
+    #[tokio::test]
+    async fn drop_client_closes_stream() {
+        let (client, mut peer) = connected().await;
+        drop(client);
+        let mut chunk = [0u8; 16];
+        let n = tokio::time::timeout(Duration::from_secs(5), peer.stream.read(&mut chunk))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(n, 0);
+    }
+}

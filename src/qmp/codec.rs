@@ -161,3 +161,194 @@ impl Encoder<&serde_json::Value> for QmpCodec {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Feeds `chunks` one at a time, as separate reads would, then signals EOF.
+    fn decode_chunks(codec: &mut QmpCodec, chunks: &[&[u8]]) -> Vec<Result<Bytes, String>> {
+        let mut buf = BytesMut::new();
+        let mut out = Vec::new();
+        for chunk in chunks {
+            buf.extend_from_slice(chunk);
+            loop {
+                match codec.decode(&mut buf) {
+                    Ok(Some(line)) => out.push(Ok(line)),
+                    Ok(None) => break,
+                    Err(error) => {
+                        out.push(Err(error.to_string()));
+                        return out;
+                    }
+                }
+            }
+        }
+        loop {
+            match codec.decode_eof(&mut buf) {
+                Ok(Some(line)) => out.push(Ok(line)),
+                Ok(None) => break,
+                Err(error) => {
+                    out.push(Err(error.to_string()));
+                    break;
+                }
+            }
+        }
+        out
+    }
+
+    fn line(text: &str) -> Result<Bytes, String> {
+        Ok(Bytes::copy_from_slice(text.as_bytes()))
+    }
+
+    #[test]
+    fn decode_crlf_and_lf() {
+        let mut codec = QmpCodec::default();
+        let out = decode_chunks(&mut codec, &[b"{\"a\": 1}\r\n{\"b\": 2}\n"]);
+        assert_eq!(out, vec![line("{\"a\": 1}"), line("{\"b\": 2}")]);
+    }
+
+    #[test]
+    fn decode_split_reads() {
+        let mut codec = QmpCodec::default();
+        let out = decode_chunks(
+            &mut codec,
+            &[b"{\"ret", b"urn\": {}", b"}\r", b"\n{}", b"\r\n"],
+        );
+        assert_eq!(out, vec![line("{\"return\": {}}"), line("{}")]);
+    }
+
+    #[test]
+    fn decode_skips_blank_lines() {
+        let mut codec = QmpCodec::default();
+        let out = decode_chunks(&mut codec, &[b"\r\n\n{}\n  \r\n"]);
+        assert_eq!(out, vec![line("{}")]);
+    }
+
+    #[test]
+    fn decode_clean_eof() {
+        let mut codec = QmpCodec::default();
+        let out = decode_chunks(&mut codec, &[b"{}\r\n"]);
+        assert_eq!(out, vec![line("{}")]);
+    }
+
+    #[test]
+    fn decode_eof_mid_line() {
+        let mut codec = QmpCodec::default();
+        let mut buf = BytesMut::from(&b"{}\n{\"return\": "[..]);
+        assert_eq!(
+            codec.decode_eof(&mut buf).unwrap(),
+            Some(Bytes::from_static(b"{}"))
+        );
+        let error = codec.decode_eof(&mut buf).unwrap_err();
+        assert!(
+            matches!(error, Error::TruncatedLine { len: 11 }),
+            "{error:?}"
+        );
+    }
+
+    #[test]
+    fn decode_line_at_max() {
+        let mut codec = QmpCodec::new(8);
+        let out = decode_chunks(&mut codec, &[b"12345678\r\n"]);
+        assert_eq!(out, vec![line("12345678")]);
+    }
+
+    #[test]
+    fn decode_oversize_in_one_read() {
+        let mut codec = QmpCodec::new(8);
+        let mut buf = BytesMut::from(&b"123456789\r\n{}\n"[..]);
+        let error = codec.decode(&mut buf).unwrap_err();
+        assert!(
+            matches!(error, Error::LineTooLong { size: 9, max: 8 }),
+            "{error:?}"
+        );
+    }
+
+    #[test]
+    fn decode_oversize_discards_as_it_reads() {
+        let mut codec = QmpCodec::new(8);
+        let mut buf = BytesMut::new();
+        for _ in 0..100 {
+            buf.extend_from_slice(b"0123456789");
+            assert_eq!(codec.decode(&mut buf).unwrap(), None);
+            assert!(buf.len() <= 10, "buffer grew to {} bytes", buf.len());
+        }
+        buf.extend_from_slice(b"abc\r");
+        assert_eq!(codec.decode(&mut buf).unwrap(), None);
+        buf.extend_from_slice(b"\n{}\n");
+        let error = codec.decode(&mut buf).unwrap_err();
+        assert!(
+            matches!(error, Error::LineTooLong { size: 1003, max: 8 }),
+            "{error:?}"
+        );
+        assert_eq!(&buf[..], b"{}\n");
+    }
+
+    #[test]
+    fn decode_oversize_then_eof() {
+        let mut codec = QmpCodec::new(4);
+        let out = decode_chunks(&mut codec, &[b"0123456789"]);
+        assert_eq!(out.len(), 1);
+        let message = out[0].clone().unwrap_err();
+        assert!(
+            message.contains("in the middle of a line (10 bytes"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn encode_has_no_newline() {
+        let mut codec = QmpCodec::default();
+        let mut buf = BytesMut::new();
+        let message = serde_json::json!({"execute": "quit", "id": 3});
+        codec.encode(&message, &mut buf).unwrap();
+        assert_eq!(&buf[..], br#"{"execute":"quit","id":3}"#);
+    }
+
+    proptest! {
+        #[test]
+        fn decode_arbitrary_bytes(
+            bytes in proptest::collection::vec(any::<u8>(), 0..512),
+            split in 0usize..512,
+            max in 1usize..64,
+        ) {
+            let mut codec = QmpCodec::new(max);
+            let split = split.min(bytes.len());
+            let (first, second) = bytes.split_at(split);
+            for result in decode_chunks(&mut codec, &[first, second]) {
+                if let Ok(line) = result {
+                    prop_assert!(line.len() <= max);
+                    prop_assert!(!line.contains(&b'\n'));
+                }
+            }
+        }
+
+        #[test]
+        fn decode_split_points(
+            values in proptest::collection::vec(any::<(u32, String, bool)>(), 1..8),
+            cuts in proptest::collection::vec(any::<prop::sample::Index>(), 0..6),
+        ) {
+            let lines: Vec<String> = values
+                .iter()
+                .map(|(id, text, flag)| serde_json::json!({"return": {"s": text, "f": flag}, "id": id}).to_string())
+                .collect();
+            let wire: Vec<u8> = lines.iter().flat_map(|l| format!("{l}\r\n").into_bytes()).collect();
+
+            let mut positions: Vec<usize> = cuts.iter().map(|cut| cut.index(wire.len() + 1)).collect();
+            positions.sort_unstable();
+            let mut chunks = Vec::new();
+            let mut start = 0;
+            for position in positions {
+                chunks.push(&wire[start..position]);
+                start = position;
+            }
+            chunks.push(&wire[start..]);
+
+            let mut codec = QmpCodec::default();
+            let decoded = decode_chunks(&mut codec, &chunks);
+            let expected: Vec<Result<Bytes, String>> = lines.iter().map(|l| line(l)).collect();
+            prop_assert_eq!(decoded, expected);
+        }
+    }
+}

@@ -319,3 +319,86 @@ pub(crate) fn channel(capacity: usize) -> (EventSender, Events) {
         Events { rx, counters },
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn from_wire_typed() {
+        let shutdown = EventKind::from_wire(
+            "SHUTDOWN",
+            Some(json!({"guest": true, "reason": "guest-shutdown"})),
+        );
+        assert_eq!(
+            shutdown,
+            EventKind::Shutdown {
+                guest: true,
+                reason: ShutdownCause::GuestShutdown
+            }
+        );
+        let balloon = EventKind::from_wire("BALLOON_CHANGE", Some(json!({"actual": 100663296})));
+        assert_eq!(balloon, EventKind::BalloonChange { actual: 100663296 });
+        let panicked = EventKind::from_wire("GUEST_PANICKED", Some(json!({"action": "pause"})));
+        assert_eq!(
+            panicked,
+            EventKind::GuestPanicked {
+                action: GuestPanicAction::Pause,
+                info: None
+            }
+        );
+    }
+
+    #[test]
+    fn from_wire_unknown_reason() {
+        let reset = EventKind::from_wire(
+            "RESET",
+            Some(json!({"guest": false, "reason": "new-cause"})),
+        );
+        assert_eq!(
+            reset,
+            EventKind::Reset {
+                guest: false,
+                reason: ShutdownCause::Other("new-cause".into())
+            }
+        );
+    }
+
+    #[test]
+    fn from_wire_catch_all() {
+        let data = json!({"device": "data0"});
+        let kind = EventKind::from_wire("DEVICE_DELETED", Some(data.clone()));
+        assert_eq!(
+            kind,
+            EventKind::Other {
+                name: "DEVICE_DELETED".into(),
+                data: Some(data)
+            }
+        );
+        assert!(!kind.is_lifecycle());
+    }
+
+    #[test]
+    fn from_wire_bad_data_kept() {
+        let kind = EventKind::from_wire("SHUTDOWN", Some(json!({"guest": "yes"})));
+        assert_eq!(kind.name(), "SHUTDOWN");
+        assert!(matches!(kind, EventKind::Other { .. }), "{kind:?}");
+        assert!(kind.is_lifecycle());
+    }
+
+    #[test]
+    fn timestamp_to_system_time() {
+        let timestamp = Timestamp {
+            seconds: 10,
+            microseconds: 5,
+        };
+        let expected = UNIX_EPOCH + Duration::from_micros(10_000_005);
+        assert_eq!(timestamp.to_system_time(), Some(expected));
+        let missing = Timestamp {
+            seconds: -1,
+            microseconds: -1,
+        };
+        assert_eq!(missing.to_system_time(), None);
+    }
+}
