@@ -27,7 +27,7 @@ impl VmState {
         match (self, next) {
             (Exited, _) => false,
             (_, Exited) => true,
-            (Starting, Running | Stopping) => true,
+            (Starting, Running | Paused | Stopping) => true,
             (Running, Paused | Stopping) => true,
             (Paused, Running | Stopping) => true,
             _ => false,
@@ -63,6 +63,7 @@ mod tests {
     fn transition_every_pair() {
         let allowed = [
             (Starting, Running),
+            (Starting, Paused),
             (Starting, Stopping),
             (Starting, Exited),
             (Running, Paused),

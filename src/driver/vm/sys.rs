@@ -6,7 +6,7 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -183,6 +183,19 @@ pub fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
     Ok(rustix::process::pidfd_open(pid, PidfdFlags::NONBLOCK)?)
 }
 
+/// Registers a pidfd with the tokio runtime, to wait for it to become readable (the process
+/// exited). On failure the pidfd is handed back with the error.
+pub fn register_pidfd(
+    pidfd: OwnedFd,
+) -> Result<tokio::io::unix::AsyncFd<OwnedFd>, (OwnedFd, io::Error)> {
+    // SAFETY: `OwnedFd` owns a valid, open fd. The `AsyncFd` takes ownership of it and nothing
+    // else closes or replaces that fd while the `AsyncFd` is registered.
+    unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE)
+    }
+    .map_err(|error| error.into_parts())
+}
+
 fn to_pid(pid: u32) -> io::Result<Pid> {
     i32::try_from(pid)
         .ok()
@@ -341,13 +354,17 @@ pub struct ProcessUsage {
 
 /// Reads the CPU times and RSS of process `pid`.
 pub fn process_usage(pid: u32) -> io::Result<ProcessUsage> {
-    let stat = std::fs::read(format!("/proc/{pid}/stat"))?;
-    let invalid = || {
-        io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("unparsable /proc/{pid}/stat"),
-        )
-    };
+    read_usage(&format!("/proc/{pid}/stat"))
+}
+
+/// Reads the CPU times of thread `tid` of process `pid`, such as a vCPU thread.
+pub fn thread_usage(pid: u32, tid: u32) -> io::Result<ProcessUsage> {
+    read_usage(&format!("/proc/{pid}/task/{tid}/stat"))
+}
+
+fn read_usage(path: &str) -> io::Result<ProcessUsage> {
+    let stat = std::fs::read(path)?;
+    let invalid = || io::Error::new(io::ErrorKind::InvalidData, format!("unparsable {path}"));
     let user_ticks = parse_stat_field(&stat, 14).ok_or_else(invalid)?;
     let system_ticks = parse_stat_field(&stat, 15).ok_or_else(invalid)?;
     let rss_pages = parse_stat_field(&stat, 24).ok_or_else(invalid)?;
@@ -395,6 +412,7 @@ pub fn is_fifo(path: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::AsFd;
 
     #[test]
     fn stat_field_after_parenthesised_name() {
