@@ -7,6 +7,7 @@ const PROTOS: &[&str] = &[
     "proto/hclspec.proto",
     "proto/attribute.proto",
     "proto/recoverable_error.proto",
+    "proto/rpc_status.proto",
     "proto/base.proto",
     "proto/driver.proto",
     "proto/plugin/grpc_controller.proto",

@@ -11,6 +11,7 @@ mod generated {
     tonic::include_proto!("nomad_plugin");
 }
 
+pub use generated::google::rpc;
 pub use generated::hashicorp::nomad::plugins::base::proto as base;
 pub use generated::hashicorp::nomad::plugins::drivers::proto as drivers;
 pub use generated::hashicorp::nomad::plugins::shared::hclspec;
