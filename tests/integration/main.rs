@@ -3,6 +3,7 @@
 //! Guests come from `fixtures/build-guests.sh`; a missing guest or QEMU binary fails the test
 //! with the command to run, it never skips it.
 
+mod fake_qmp;
 mod nomad;
 mod qmp_faults;
 mod qmp_real;

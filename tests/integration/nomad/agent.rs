@@ -526,9 +526,9 @@ telemetry {
             .collect()
     }
 
-    /// Lists the QEMU processes whose command line mentions this agent's directory.
+    /// Lists the QEMU processes this agent started, directly or through a plugin.
     pub fn qemu_processes(&self) -> Vec<ProcessInfo> {
-        process::processes_mentioning(&self.dir().to_string_lossy())
+        process::agent_processes(self.dir())
             .into_iter()
             .filter(ProcessInfo::is_qemu)
             .collect()
@@ -566,8 +566,7 @@ telemetry {
     }
 
     /// Stops every job, stops the agent and checks that nothing it started is left.
-    /// Panics if a process that mentions the agent's directory outlives the agent; it kills
-    /// such processes first.
+    /// Panics if a process the agent started outlives it; it kills such processes first.
     pub async fn shutdown(mut self) {
         // `nomad job status` has no -json flag in v1.6, so this reads the HTTP API.
         let jobs = self.cli_json(&["operator", "api", "/v1/jobs"]).await;
@@ -582,7 +581,7 @@ telemetry {
 
         self.stop_agent().await;
 
-        let left = process::kill_mentioning(&self.dir().to_string_lossy());
+        let left = process::kill_agent_processes(self.dir());
         process::unmount_under(self.dir());
         assert!(
             left.is_empty(),
@@ -599,7 +598,7 @@ impl Drop for NomadAgent {
             }
             let _ = child.start_kill();
         }
-        let left = process::kill_mentioning(&self.dir().to_string_lossy());
+        let left = process::kill_agent_processes(self.dir());
         if !left.is_empty() {
             tracing::warn!(count = left.len(), "killed processes the agent left behind");
         }

@@ -1,9 +1,9 @@
 //! Process-table helpers: find the processes an agent left behind and end them.
 //!
-//! Every process the harness is responsible for mentions the agent's temporary directory on
-//! its command line: the agent (`-config`), its plugins (`plugin_dir`), Nomad's executors and
-//! log monitors (alloc paths) and the VMs (disk and socket paths under the alloc dir). That
-//! makes the directory a reliable tag even after a process was re-parented to init.
+//! The agent (`-config`), its plugins (`plugin_dir`), Nomad's executors and log monitors
+//! (alloc paths) mention the agent's temporary directory on their command line, even after
+//! they were re-parented to init. Tasks are found through their alloc's cgroup and their
+//! parents.
 
 use std::path::Path;
 use std::thread;
@@ -31,37 +31,18 @@ impl ProcessInfo {
 /// Lists the processes (other than this one) whose command line contains `needle`.
 pub fn processes_mentioning(needle: &str) -> Vec<ProcessInfo> {
     let own_pid = std::process::id();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-
-    let mut found = Vec::new();
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        if u32::try_from(pid) == Ok(own_pid) {
-            continue;
-        }
-
-        // A process can exit between read_dir and this read; it is then simply not listed.
-        let Ok(raw) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        let argv: Vec<String> = raw
-            .split(|&byte| byte == 0)
-            .filter(|part| !part.is_empty())
-            .map(|part| String::from_utf8_lossy(part).into_owned())
-            .collect();
-        if argv.iter().any(|arg| arg.contains(needle)) {
-            found.push(ProcessInfo { pid, argv });
-        }
-    }
-    found
+    all_pids()
+        .into_iter()
+        .filter(|&pid| u32::try_from(pid) != Ok(own_pid))
+        // A process can exit between listing /proc and this read; it is then not listed.
+        .filter_map(|pid| {
+            Some(ProcessInfo {
+                pid,
+                argv: read_argv(pid)?,
+            })
+        })
+        .filter(|process| process.argv.iter().any(|arg| arg.contains(needle)))
+        .collect()
 }
 
 /// Returns true while `pid` exists (a zombie still counts until its parent reaps it).
@@ -83,10 +64,64 @@ pub fn signal_group(pgid: i32, signal: Signal) {
     }
 }
 
-/// SIGKILLs every process whose command line contains `needle` and waits (at most 5 s) until
-/// they are gone. Returns the processes it found, so a caller can report them.
-pub fn kill_mentioning(needle: &str) -> Vec<ProcessInfo> {
-    let found = processes_mentioning(needle);
+/// Lists the processes an agent with its temporary directory at `dir` started, directly or
+/// not: those whose command line mentions `dir`, those in a cgroup named after one of its
+/// allocations, and all their descendants. A raw_exec task, for example, runs in its own
+/// session and its command line need not mention `dir`, but it runs below the executor that
+/// started it and in the alloc's cgroup.
+pub fn agent_processes(dir: &Path) -> Vec<ProcessInfo> {
+    let alloc_ids: Vec<String> = std::fs::read_dir(dir.join("data").join("alloc"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .collect();
+    let own_pid = std::process::id();
+
+    let mut parents = Vec::new();
+    let mut found: Vec<ProcessInfo> = processes_mentioning(&dir.to_string_lossy());
+    for pid in all_pids() {
+        if u32::try_from(pid) == Ok(own_pid) {
+            continue;
+        }
+        if let Some(parent) = parent_pid(pid) {
+            parents.push((pid, parent));
+        }
+        let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+        let in_alloc_cgroup = alloc_ids.iter().any(|id| cgroup.contains(id.as_str()));
+        if in_alloc_cgroup && !found.iter().any(|p| p.pid == pid) {
+            found.push(ProcessInfo {
+                pid,
+                argv: read_argv(pid).unwrap_or_default(),
+            });
+        }
+    }
+
+    // Adds descendants until no new process turns up.
+    loop {
+        let children: Vec<i32> = parents
+            .iter()
+            .filter(|(pid, parent)| {
+                found.iter().any(|p| p.pid == *parent) && !found.iter().any(|p| p.pid == *pid)
+            })
+            .map(|(pid, _)| *pid)
+            .collect();
+        if children.is_empty() {
+            return found;
+        }
+        for pid in children {
+            found.push(ProcessInfo {
+                pid,
+                argv: read_argv(pid).unwrap_or_default(),
+            });
+        }
+    }
+}
+
+/// SIGKILLs every process of [`agent_processes`] and waits (at most 5 s) until they are gone.
+/// Returns the processes it found, so a caller can report them.
+pub fn kill_agent_processes(dir: &Path) -> Vec<ProcessInfo> {
+    let found = agent_processes(dir);
     for process in &found {
         signal_process(process.pid, Signal::KILL);
     }
@@ -96,6 +131,34 @@ pub fn kill_mentioning(needle: &str) -> Vec<ProcessInfo> {
         thread::sleep(Duration::from_millis(20));
     }
     found
+}
+
+fn all_pids() -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str().and_then(|s| s.parse().ok()))
+        .collect()
+}
+
+/// Reads the parent pid from `/proc/PID/stat`. The command name in that line is in
+/// parentheses and may contain spaces, so the fields are counted after the last `)`.
+fn parent_pid(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    after_name.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn read_argv(pid: i32) -> Option<Vec<String>> {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    Some(
+        raw.split(|&byte| byte == 0)
+            .filter(|part| !part.is_empty())
+            .map(|part| String::from_utf8_lossy(part).into_owned())
+            .collect(),
+    )
 }
 
 /// Lazily unmounts every mount point under `dir`, deepest first. A Nomad client mounts a

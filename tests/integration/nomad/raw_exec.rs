@@ -1,6 +1,8 @@
 //! Checks the harness itself with Nomad's built-in `raw_exec` driver, which needs nothing
 //! from this crate.
 
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::agent::{is_alloc_stopped, AgentOptions, NomadAgent};
@@ -158,4 +160,34 @@ async fn raw_exec_survives_agent_restart() {
         !process::is_alive(before[0]),
         "the task outlived the harness shutdown"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn harness_cleans_up_after_panic() {
+    let marker = format!("panic-{}", std::process::id());
+    let hcl = job_hcl(&marker);
+    let agent_dir = Arc::new(Mutex::new(None::<PathBuf>));
+
+    let seen_dir = Arc::clone(&agent_dir);
+    let test = tokio::spawn(async move {
+        let agent = NomadAgent::start(raw_exec_options()).await;
+        *seen_dir.lock().expect("lock is not poisoned") = Some(agent.dir().to_path_buf());
+        let job_id = agent.run_job(&hcl).await;
+        agent
+            .wait_task_state(&job_id, TASK, "running", Duration::from_secs(60))
+            .await;
+        panic!("deliberate panic while the task runs");
+    });
+    let outcome = test.await;
+    assert!(outcome.is_err_and(|err| err.is_panic()));
+
+    let dir = agent_dir
+        .lock()
+        .expect("lock is not poisoned")
+        .clone()
+        .expect("the agent started");
+    let left = process::processes_mentioning(&dir.to_string_lossy());
+    assert!(left.is_empty(), "processes outlived the panic: {left:#?}");
+    assert!(process::processes_mentioning(&marker).is_empty());
+    assert!(!dir.exists(), "{} was not removed", dir.display());
 }
