@@ -13,6 +13,7 @@
 //! the middle of a line close the session.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -288,28 +289,37 @@ impl std::fmt::Debug for Client {
 
 impl Client {
     /// Sends a typed command and waits for its reply, within the session's default deadline.
-    pub async fn call<C: Command>(&self, command: &C) -> Result<C::Reply, Error> {
+    ///
+    /// The command is serialized before this returns, so the future does not borrow it.
+    pub fn call<C: Command>(
+        &self,
+        command: &C,
+    ) -> impl Future<Output = Result<C::Reply, Error>> + Send + '_ {
         self.call_within(command, self.inner.config.command_timeout)
-            .await
     }
 
     /// Sends a typed command and waits at most `timeout` for its reply.
-    pub async fn call_within<C: Command>(
+    ///
+    /// The command is serialized before this returns, so the future does not borrow it.
+    pub fn call_within<C: Command>(
         &self,
         command: &C,
         timeout: Duration,
-    ) -> Result<C::Reply, Error> {
-        let arguments = serde_json::to_value(command).map_err(|source| Error::Encode {
-            command: C::NAME.to_owned(),
-            source,
-        })?;
-        let reply = self
-            .execute_within(C::NAME, Some(arguments), timeout)
-            .await?;
-        C::Reply::deserialize(reply).map_err(|source| Error::InvalidReply {
-            command: C::NAME.to_owned(),
-            source,
-        })
+    ) -> impl Future<Output = Result<C::Reply, Error>> + Send + '_ {
+        let arguments = serde_json::to_value(command);
+        async move {
+            let arguments = arguments.map_err(|source| Error::Encode {
+                command: C::NAME.to_owned(),
+                source,
+            })?;
+            let reply = self
+                .execute_within(C::NAME, Some(arguments), timeout)
+                .await?;
+            C::Reply::deserialize(reply).map_err(|source| Error::InvalidReply {
+                command: C::NAME.to_owned(),
+                source,
+            })
+        }
     }
 
     /// Sends any command by name and returns the `return` value as JSON, within the session's

@@ -11,8 +11,9 @@ use tokio_util::codec::{Decoder, Encoder};
 
 use super::error::Error;
 
-/// Default maximum line length: 16 MiB. `query-qmp-schema` replies are a few MiB on QEMU 7.2
-/// and 10.0, which is the largest reply the driver may see.
+/// Default maximum line length: 16 MiB. The largest reply seen so far, `query-qmp-schema`, is
+/// one line of 207,007 bytes on QEMU 7.2.22 (`-machine none`), so the default leaves room for
+/// much larger schemas and replies.
 pub const DEFAULT_MAX_LINE_LENGTH: usize = 16 * 1024 * 1024;
 
 /// Line codec for a QMP stream, with a maximum line length.
@@ -316,11 +317,9 @@ mod tests {
             let mut codec = QmpCodec::new(max);
             let split = split.min(bytes.len());
             let (first, second) = bytes.split_at(split);
-            for result in decode_chunks(&mut codec, &[first, second]) {
-                if let Ok(line) = result {
-                    prop_assert!(line.len() <= max);
-                    prop_assert!(!line.contains(&b'\n'));
-                }
+            for line in decode_chunks(&mut codec, &[first, second]).into_iter().flatten() {
+                prop_assert!(line.len() <= max);
+                prop_assert!(!line.contains(&b'\n'));
             }
         }
 
