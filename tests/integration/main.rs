@@ -5,6 +5,7 @@
 
 mod fake_qmp;
 mod nomad;
+mod plugin_protocol;
 mod qmp_faults;
 mod qmp_real;
 mod support;

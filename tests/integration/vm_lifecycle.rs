@@ -265,3 +265,92 @@ async fn stats_stale_when_stopped() {
     );
     support::assert_no_qemu_named(&name);
 }
+
+#[tokio::test]
+async fn run_subcommand_end_to_end() {
+    let _slot = support::guest_slot().await;
+    let dir = support::temp_dir();
+    let name = support::unique_name("run-cli");
+    let binary = env!("CARGO_BIN_EXE_nomad-driver-qemu");
+    let mut run = tokio::process::Command::new(binary)
+        .arg("run")
+        .arg("--kernel")
+        .arg(support::guest_file("vmlinuz"))
+        .arg("--initrd")
+        .arg(support::guest_file("initramfs.cpio.gz"))
+        .args(["--append", "console=ttyS0 quiet panic=-1"])
+        .args([
+            "--memory",
+            "128",
+            "--args=-no-reboot",
+            "--args=-nic",
+            "--args=none",
+        ])
+        .args([
+            "--name",
+            &name,
+            "--shutdown-timeout",
+            "20",
+            "--stats-interval",
+            "1",
+        ])
+        .arg("--dir")
+        .arg(dir.path())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn run");
+    let mut lines = BufReader::new(run.stdout.take().expect("run stdout")).lines();
+    let mut output = Vec::new();
+    let boot = async {
+        while let Some(line) = lines.next_line().await.expect("read run output") {
+            let ready = line.contains(READY_MARKER);
+            output.push(line);
+            if ready {
+                return;
+            }
+        }
+    };
+    tokio::time::timeout(BOOT_LIMIT, boot)
+        .await
+        .expect("ready line within the boot limit");
+
+    // The controller holds the VM's only QMP connection, so a second client times out.
+    let qmp = tokio::process::Command::new(binary)
+        .arg("qmp")
+        .arg("--socket")
+        .arg(dir.path().join("qmp.sock"))
+        .args(["--timeout", "1", "query-status"])
+        .output()
+        .await
+        .expect("run qmp");
+    assert!(!qmp.status.success());
+    let qmp_error = String::from_utf8_lossy(&qmp.stderr);
+    assert!(
+        qmp_error.contains("one QMP client at a time"),
+        "{qmp_error}"
+    );
+
+    let pid = run.id().expect("run pid");
+    send_signal(pid, Signal::TERM);
+    let rest = async {
+        while let Some(line) = lines.next_line().await.expect("read run output") {
+            output.push(line);
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), rest)
+        .await
+        .expect("run ends after SIGTERM");
+    let status = run.wait().await.expect("wait run");
+
+    let text = output.join("\n");
+    assert!(status.success(), "run failed: {status}\n{text}");
+    assert!(text.contains("stats: cpu user"), "{text}");
+    assert!(text.contains("event: system_powerdown sent"), "{text}");
+    assert!(text.contains(POWERBUTTON_MARKER), "{text}");
+    assert!(
+        text.contains("exited: guest powered off (exit code 0)"),
+        "{text}"
+    );
+    support::assert_no_qemu_named(&name);
+}
