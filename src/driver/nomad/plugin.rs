@@ -253,6 +253,7 @@ fn bind_socket(dir: &Path) -> Result<(tokio::net::UnixListener, TempPath), Plugi
 }
 
 async fn serve(name: String) -> Result<(), PluginError> {
+    let mut signals = Signals::install()?;
     let dir = socket_dir();
     let (listener, socket_path) = bind_socket(&dir)?;
     let shutdown = CancellationToken::new();
@@ -291,7 +292,7 @@ async fn serve(name: String) -> Result<(), PluginError> {
         "plugin serving"
     );
 
-    wait_for_shutdown(&shutdown).await?;
+    signals.wait_for_shutdown(&shutdown).await;
     shutdown.cancel();
 
     let result = match tokio::time::timeout(SHUTDOWN_GRACE, server).await {
@@ -325,21 +326,35 @@ fn write_handshake(socket_path: &Path) -> Result<(), PluginError> {
         .map_err(PluginError::Handshake)
 }
 
-/// Returns when Nomad requests a shutdown or SIGTERM arrives. SIGINT is logged and ignored.
-async fn wait_for_shutdown(shutdown: &CancellationToken) -> Result<(), PluginError> {
-    let signal_error = |signal| move |source| PluginError::Signal { signal, source };
-    let mut interrupts = signal(SignalKind::interrupt()).map_err(signal_error("SIGINT"))?;
-    let mut terminations = signal(SignalKind::terminate()).map_err(signal_error("SIGTERM"))?;
+/// SIGINT and SIGTERM streams. Creating them replaces the default action (exit) of both
+/// signals, so they must exist before the handshake makes the plugin visible.
+struct Signals {
+    interrupts: tokio::signal::unix::Signal,
+    terminations: tokio::signal::unix::Signal,
+}
 
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return Ok(()),
-            _ = terminations.recv() => {
-                tracing::info!("SIGTERM received, stopping the plugin, VMs are left running");
-                return Ok(());
-            }
-            _ = interrupts.recv() => {
-                tracing::info!("SIGINT ignored: the plugin stops when Nomad asks it to");
+impl Signals {
+    fn install() -> Result<Self, PluginError> {
+        let signal_error = |signal| move |source| PluginError::Signal { signal, source };
+        Ok(Self {
+            interrupts: signal(SignalKind::interrupt()).map_err(signal_error("SIGINT"))?,
+            terminations: signal(SignalKind::terminate()).map_err(signal_error("SIGTERM"))?,
+        })
+    }
+
+    /// Returns when Nomad requests a shutdown or SIGTERM arrives. SIGINT is logged and
+    /// ignored.
+    async fn wait_for_shutdown(&mut self, shutdown: &CancellationToken) {
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = self.terminations.recv() => {
+                    tracing::info!("SIGTERM received, stopping the plugin, VMs are left running");
+                    return;
+                }
+                _ = self.interrupts.recv() => {
+                    tracing::info!("SIGINT ignored: the plugin stops when Nomad asks it to");
+                }
             }
         }
     }
