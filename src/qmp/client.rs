@@ -5,9 +5,9 @@
 //! returns a [`Client`]. From then on one reader task owns the read half: it routes each reply
 //! to the waiting command by `id` and copies each event to every subscriber.
 //!
-//! Messages the session cannot use are logged at warn level, counted in [`SessionCounters`], and
-//! skipped, and the session stays open: a line that is not JSON or not an object, a reply whose
-//! `id` no command waits for (for example one that arrives after its command timed out), and a
+//! Messages the session cannot use are logged at warn level, counted in [`SessionCounters`] and
+//! skipped, and the session stays open. These are lines that are not a JSON object, replies
+//! whose `id` no command waits for (such as a late reply to a command that timed out), and a
 //! second greeting. QEMU sends none of these, and closing the session would look like a VM exit
 //! to the layer above. A line longer than the maximum, an I/O error and a stream that ends in
 //! the middle of a line close the session.
@@ -74,7 +74,7 @@ pub struct Greeting {
     pub extra: Map<String, Value>,
 }
 
-/// Why a session ended.
+/// The cause of a session's end.
 #[derive(Debug, Clone)]
 pub enum CloseReason {
     /// The peer closed the stream, or reset it (QEMU resets the socket when it exits with
@@ -559,7 +559,8 @@ impl Shared {
     }
 }
 
-/// The reader task: routes messages until the stream ends, then closes the session.
+/// Routes incoming messages until the stream ends, then closes the session. This is the
+/// reader task.
 async fn read_replies<R>(mut reader: FramedRead<R, QmpCodec>, shared: Arc<Shared>)
 where
     R: AsyncRead + Unpin,

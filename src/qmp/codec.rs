@@ -2,9 +2,9 @@
 //!
 //! QEMU ends every message with `\r\n`. The decoder also accepts a bare `\n`, strips the
 //! terminator and yields the line's bytes, so JSON parsing and the policy for invalid JSON stay
-//! in the client. The encoder writes one JSON object without a trailing newline: QEMU's JSON
-//! stream parser does not need one, and a newline that QEMU has not read when it exits (after
-//! `quit`) makes the kernel reset the connection instead of closing it.
+//! in the client. The encoder writes one JSON object without a trailing newline, because QEMU's
+//! JSON stream parser does not need one. A newline that QEMU has not read when it exits (after
+//! `quit`) would make the kernel reset the connection instead of closing it.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio_util::codec::{Decoder, Encoder};

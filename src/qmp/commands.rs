@@ -175,9 +175,9 @@ pub struct NameInfo {
 /// <- {"return": {"enabled": false, "present": true}, "id": 5}
 /// ```
 ///
-/// `enabled` only says that QEMU uses KVM, not that a guest can boot with it: on a host with
-/// nested virtualization without hardware support, both fields are `true` and a Linux guest still
-/// hangs early in boot.
+/// `enabled` means that QEMU uses KVM, not that a guest can boot with it. On a host with nested
+/// virtualization without hardware support (measured with a PVM host and QEMU 7.2), both fields
+/// are `true` and a Linux guest still hangs early in boot.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct QueryKvm;
 
@@ -335,7 +335,7 @@ qapi_enum! {
 /// Under TCG the reply for `vm` and `vcpu` is `[]` on QEMU 7.2 and 10.0.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct QueryStats {
-    /// What to report on.
+    /// The kind of object to report on.
     pub target: StatsTarget,
     /// Restricts the reply to these providers and statistic names.
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -13,8 +13,8 @@ pub enum Error {
     #[error("QMP stream i/o failed")]
     Io(#[from] io::Error),
 
-    /// The connection has ended: pending and new commands fail with this.
-    /// [`Client::close_reason`](super::Client::close_reason) tells why it ended.
+    /// The connection has ended, so pending and new commands fail.
+    /// [`Client::close_reason`](super::Client::close_reason) returns the cause.
     #[error("QMP connection closed")]
     ConnectionClosed,
 

@@ -11,7 +11,7 @@
 //!
 //! Every subscriber has its own queue. Lifecycle events (see [`EventKind::is_lifecycle`]) are
 //! always queued and never dropped. Other events count against the queue's capacity: when a
-//! subscriber already holds that many unread non-lifecycle events, a new one is dropped for that
+//! subscriber already has that many unread non-lifecycle events, a new one is dropped for that
 //! subscriber only and counted in [`Events::dropped`]. Order is kept for the events that are
 //! queued.
 
@@ -66,7 +66,7 @@ qapi_enum! {
 }
 
 qapi_enum! {
-    /// What QEMU does after a guest panic: QAPI's `GuestPanicAction`.
+    /// QEMU's action after a guest panic: QAPI's `GuestPanicAction`.
     GuestPanicAction {
         Pause => "pause",
         Poweroff => "poweroff",
@@ -110,7 +110,7 @@ pub enum EventKind {
     Resume,
     /// `GUEST_PANICKED`: the guest reported a panic through a pvpanic or Hyper-V device.
     GuestPanicked {
-        /// What QEMU does next.
+        /// The action QEMU takes next.
         action: GuestPanicAction,
         /// Architecture-specific panic information, as QEMU sent it.
         info: Option<Value>,
@@ -262,7 +262,7 @@ impl EventSender {
 /// [`Events::recv`] returns `None` once the session has ended and every queued event has been
 /// received. It also implements [`futures::Stream`].
 ///
-/// NOTE: lifecycle events are queued without bound, so a subscriber that stops reading holds
+/// NOTE: lifecycle events are queued without bound, so a subscriber that stops reading keeps
 /// them in memory until it is dropped. A guest that resets in a loop (a panic without
 /// `-no-reboot`) sends an endless series of RESET events.
 #[derive(Debug)]

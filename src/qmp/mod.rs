@@ -16,7 +16,7 @@
 //!
 //! The layers are [`codec`] (framing with a maximum line length), [`client`] (negotiation as a
 //! typed step, one reader task, replies routed by `id`, a deadline on every command) and
-//! [`events`] (typed events, per-subscriber queues). [`commands`] holds the typed commands.
+//! [`events`] (typed events, per-subscriber queues). [`commands`] contains the typed commands.
 //!
 //! ```no_run
 //! use std::time::Duration;

@@ -68,8 +68,7 @@ async fn connect_with_retry(path: &Path) -> UnixStream {
     loop {
         match UnixStream::connect(path).await {
             Ok(stream) => return stream,
-            Err(error) if Instant::now() < deadline => {
-                let _ = error;
+            Err(_) if Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
             Err(error) => panic!(
@@ -80,7 +79,7 @@ async fn connect_with_retry(path: &Path) -> UnixStream {
     }
 }
 
-/// Waits for the next event other than the ones in `skip`, for at most 5 s.
+/// Waits at most 5 s for the next event.
 async fn next_event(events: &mut Events) -> EventKind {
     tokio::time::timeout(Duration::from_secs(5), events.recv())
         .await

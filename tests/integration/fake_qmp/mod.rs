@@ -45,7 +45,7 @@ pub fn event(name: &str, data: Option<Value>) -> Step {
     Step::Line(message.to_string())
 }
 
-/// The steps every session starts with: greeting, then `qmp_capabilities` and its reply.
+/// Returns the steps every session starts with: greeting, then `qmp_capabilities` and its reply.
 pub fn negotiation() -> Vec<Step> {
     vec![
         Step::Line(GREETING.to_owned()),
@@ -158,9 +158,9 @@ async fn read_request(stream: &mut UnixStream, buf: &mut Vec<u8>) -> Result<Valu
     }
 }
 
-/// Builds a script from a transcript recorded with real QEMU: server lines are sent as
-/// recorded, except that replies take the id of the client's request; each client line becomes
-/// an [`Step::Expect`] of the same command. A recorded `close` ends the script.
+/// Builds a script from a transcript recorded with real QEMU. Server lines are sent as recorded,
+/// except that replies take the id of the client's request. Each client line becomes a
+/// [`Step::Expect`] of the same command, and a recorded `close` ends the script.
 pub fn script_from_transcript(path: &Path) -> Vec<Step> {
     let text = std::fs::read_to_string(path)
         .unwrap_or_else(|e| panic!("read transcript {}: {e}", path.display()));
