@@ -4,6 +4,7 @@
 //! with the command to run, it never skips it.
 
 mod fake_qmp;
+mod fingerprint_host;
 mod nomad;
 mod plugin_protocol;
 mod qmp_faults;
