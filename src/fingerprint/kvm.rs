@@ -45,7 +45,7 @@ const MAX_STDERR: u64 = 4096;
 pub struct KvmStatus {
     /// Whether tasks can use `accelerator = "kvm"`.
     pub usable: bool,
-    /// Why KVM is unusable, or how long the probe took when it is usable.
+    /// The reason KVM is unusable, or the probe's duration when it is usable.
     pub reason: String,
 }
 
@@ -166,7 +166,7 @@ pub async fn run_probe_guest(
         }),
         Ok((Err(error), _)) => Err(ProbeError::Wait(error)),
         Err(_elapsed) => {
-            // `kill` sends SIGKILL and reaps the process, so nothing is left behind.
+            // `kill` sends SIGKILL and reaps the process. The probe_timeout_kills_guest test checks it.
             if let Err(error) = child.kill().await {
                 tracing::warn!(pid = child.id(), %error, "failed to kill the KVM probe's QEMU");
             }

@@ -58,7 +58,7 @@ pub struct Fingerprint {
     pub kvm: Option<KvmStatus>,
 }
 
-/// Where the probes look on the host.
+/// Host locations the probes read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Probes {
     /// Dirs searched for emulators, in order, like `PATH`.
