@@ -1,8 +1,8 @@
 //! `nomad-driver-qemu run`: one VM in the foreground.
 //!
 //! Options are named like the Nomad task config of the `qemu` driver. QEMU's serial console
-//! (stdout) and stderr go to files in the run directory; `run` follows the console file and
-//! prints it, with each state change, event and periodic stats, to its own stdout.
+//! (stdout) and stderr go to files in the run directory. `run` prints the console file as it
+//! grows, along with each state change, stop step and periodic stats sample.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

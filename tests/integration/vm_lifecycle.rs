@@ -315,7 +315,7 @@ async fn run_subcommand_end_to_end() {
         .await
         .expect("ready line within the boot limit");
 
-    // The controller holds the VM's only QMP connection, so a second client times out.
+    // The controller has the VM's only QMP connection, so a second client times out.
     let qmp = tokio::process::Command::new(binary)
         .arg("qmp")
         .arg("--socket")

@@ -13,7 +13,7 @@
 //! * [`Vm::events`] subscribes to [`VmEvent`]s, and [`Vm::state`] returns the [`VmState`].
 //!
 //! QEMU runs in its own session and outlives this process. Exit detection works without being
-//! QEMU's parent: a pidfd tells when the process ends, and QMP events tell why.
+//! QEMU's parent: a pidfd reports when the process ends, and QMP events report why.
 
 pub mod argv;
 mod error;
@@ -178,7 +178,7 @@ impl Vm {
     ///
     /// Checks that the pid still belongs to the same process (start time) and that QEMU reports
     /// the saved name, all within `timeout`. QMP accepts one client at a time, so this times out
-    /// while another controller holds the VM's socket.
+    /// while another controller is connected to the VM's socket.
     pub async fn reattach(saved: &SavedVm, timeout: Duration) -> Result<Vm, VmError> {
         saved::reattach(saved, timeout).await
     }
@@ -239,12 +239,12 @@ impl Vm {
         &self.handle.shared
     }
 
-    /// The VM name.
+    /// Returns the VM name.
     pub fn name(&self) -> &str {
         &self.shared().name
     }
 
-    /// QEMU's pid, which is also its process group and session id.
+    /// Returns QEMU's pid, which is also its process group and session id.
     pub fn pid(&self) -> u32 {
         self.shared().pid
     }
@@ -310,7 +310,7 @@ impl Vm {
 
     /// Samples host statistics from `/proc` and guest statistics over QMP.
     ///
-    /// Returns within `deadline`. When QEMU does not answer in time, the sample is marked stale
+    /// Returns within `deadline`. When QEMU does not reply in time, the sample is marked stale
     /// and carries only the host side.
     pub async fn stats(&self, deadline: Duration) -> VmStats {
         stats::sample(self.shared(), deadline).await
@@ -359,7 +359,7 @@ impl Shared {
     }
 
     fn emit(&self, event: VmEvent) {
-        // No subscriber is not an error: events are for whoever listens.
+        // Sending without subscribers is not an error.
         let _ = self.events.send(event);
     }
 

@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-/// Where a VM is in its lifecycle.
+/// Lifecycle state of a VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum VmState {
     /// QEMU is spawned and the QMP session is being set up.

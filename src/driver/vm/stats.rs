@@ -6,7 +6,7 @@ use super::sys;
 use super::Shared;
 use crate::qmp::{self, commands, ErrorClass};
 
-/// QEMU's CPU time and memory as the host sees them.
+/// QEMU's CPU time and memory, read from `/proc` on the host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HostStats {
     /// CPU time in user mode, all threads.
@@ -43,7 +43,7 @@ pub struct BlockDeviceStats {
     pub write_operations: u64,
 }
 
-/// What QEMU reports about the guest over QMP.
+/// Guest statistics that QEMU reports over QMP.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GuestStats {
     /// vCPUs.
@@ -63,7 +63,7 @@ pub struct VmStats {
     pub host: Option<HostStats>,
     /// Guest side, or `None` when the sample is stale.
     pub guest: Option<GuestStats>,
-    /// Why the guest side is missing: QEMU did not answer in time, or a query failed.
+    /// Reason the guest side is missing: QEMU did not reply in time, or a query failed.
     pub stale: Option<String>,
 }
 
@@ -82,7 +82,7 @@ pub(crate) async fn sample(shared: &Shared, deadline: Duration) -> VmStats {
         Ok(Err(error)) => (None, Some(format!("QMP query failed: {error}"))),
         Err(_) => (
             None,
-            Some(format!("QEMU did not answer within {deadline:?}")),
+            Some(format!("QEMU did not reply within {deadline:?}")),
         ),
     };
     if let Some(reason) = &stale {

@@ -1,8 +1,9 @@
 //! Host process and file-descriptor primitives for one QEMU process.
 //!
-//! This is the only module of the crate with `unsafe` code: the `pre_exec` hook that prepares the
-//! forked child before `exec` (namespace, cgroup, session, inherited QMP fd, user), and the
-//! `PIDFD_GET_INFO` ioctl that reads the exit status of a process that is not our child.
+//! This is the only module of the crate with `unsafe` code. It covers the `pre_exec` hook that
+//! prepares the forked child before `exec` (namespace, cgroup, session, inherited QMP fd, user),
+//! the `PIDFD_GET_INFO` ioctl that reads the exit status of a process that is not our child,
+//! pidfd registration with tokio, and `sysconf`.
 
 use std::fs::File;
 use std::io;
@@ -43,7 +44,7 @@ impl RunDir {
         })
     }
 
-    /// The directory's real path.
+    /// Returns the directory's real path.
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -401,12 +402,6 @@ fn parse_stat_field(stat: &[u8], field: usize) -> Option<u64> {
         .nth(field.checked_sub(3)?)?
         .parse()
         .ok()
-}
-
-/// Returns whether `path` is a FIFO, as Nomad's log pipes are.
-pub fn is_fifo(path: &Path) -> bool {
-    use std::os::unix::fs::FileTypeExt;
-    std::fs::metadata(path).is_ok_and(|meta| meta.file_type().is_fifo())
 }
 
 #[cfg(test)]
