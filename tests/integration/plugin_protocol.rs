@@ -32,7 +32,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::Code;
 use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
 
-/// Upper bound for the plugin to print its handshake or answer a call.
+/// Upper bound for the plugin to print its handshake or reply to a call.
 const REPLY_LIMIT: Duration = Duration::from_secs(10);
 
 /// A running plugin process started as Nomad starts it.
@@ -163,7 +163,7 @@ fn msgpack(value: &Value) -> Vec<u8> {
     bytes
 }
 
-/// A plugin config as Nomad encodes it: every schema key present, unset ones nil.
+/// Encodes a plugin config as Nomad does: every schema key present, unset ones nil.
 fn plugin_config(image_paths: &[&str]) -> Vec<u8> {
     let paths = image_paths.iter().map(|path| Value::from(*path)).collect();
     msgpack(&Value::Map(vec![

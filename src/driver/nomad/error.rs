@@ -99,7 +99,7 @@ impl DriverError {
 ///
 /// The message is the error followed by its sources, because Nomad shows only this text to
 /// the user (as `rpc error: code = … desc = <message>`). A start failure carries a
-/// `RecoverableError` detail that says whether the restart policy applies.
+/// `RecoverableError` detail that tells whether the restart policy applies.
 pub fn to_status(error: &DriverError) -> Status {
     let code = error.code();
     let message = error_chain(error);

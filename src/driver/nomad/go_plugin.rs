@@ -21,7 +21,7 @@ pub struct Controller {
 }
 
 impl Controller {
-    /// Creates a controller that cancels `shutdown` when Nomad asks the plugin to exit.
+    /// Creates a controller that cancels `shutdown` when Nomad requests the plugin to exit.
     pub fn new(shutdown: CancellationToken) -> Self {
         Self { shutdown }
     }

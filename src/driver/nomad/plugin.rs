@@ -286,7 +286,7 @@ async fn serve(name: String) -> Result<(), PluginError> {
 
     write_handshake(&socket_path)?;
     tracing::info!(
-        driver = %name,
+        plugin_name = %name,
         version = env!("CARGO_PKG_VERSION"),
         socket = %socket_path.display(),
         "plugin serving"
@@ -311,7 +311,7 @@ async fn serve(name: String) -> Result<(), PluginError> {
     };
 
     drop(socket_path);
-    tracing::info!(driver = %name, "plugin stopped");
+    tracing::info!(plugin_name = %name, "plugin stopped");
     result
 }
 

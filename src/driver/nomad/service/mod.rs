@@ -39,7 +39,7 @@ use super::schema;
 
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
-/// What the plugin keeps per task.
+/// Per-task state of the plugin.
 #[derive(Debug)]
 pub struct Task {
     /// The TaskConfig of the StartTask request, echoed in the task handle.
@@ -48,11 +48,11 @@ pub struct Task {
 
 /// Returns the capabilities Nomad's client plans tasks with.
 ///
-/// They match the built-in qemu driver (Nomad v1.6.5 `drivers/qemu/driver.go`) except:
-/// `send_signals` is true, because SIGSTOP and SIGCONT pause and resume the VM; and
+/// They match the built-in qemu driver (Nomad v1.6.5 `drivers/qemu/driver.go`) with two
+/// exceptions. `send_signals` is true, because SIGSTOP and SIGCONT pause and resume the VM.
 /// `fs_isolation` is NONE, as in the built-in driver of later releases, so that
-/// `NOMAD_TASK_DIR` and the other task paths are host paths QEMU can open (v1.6.5 reported
-/// IMAGE).
+/// `NOMAD_TASK_DIR` and the other task paths are host paths QEMU can open. v1.6.5 reported
+/// IMAGE.
 pub fn capabilities() -> DriverCapabilities {
     DriverCapabilities {
         send_signals: true,
@@ -106,7 +106,7 @@ impl Driver for DriverService {
     type ExecTaskStreamingStream = ResponseStream<ExecTaskStreamingResponse>;
 
     async fn init(&self, _request: Request<InitRequest>) -> Result<Response<InitResponse>, Status> {
-        tracing::info!(driver = %self.state.name(), "driver initialised");
+        tracing::info!(plugin_name = %self.state.name(), "driver initialised");
         Ok(Response::new(InitResponse {}))
     }
 
