@@ -23,7 +23,7 @@ pub struct Cli {
 pub enum Command {
     /// Boot one VM in the foreground, print its state changes and stats, stop it gracefully
     /// on Ctrl-C or SIGTERM.
-    Run(run::RunArgs),
+    Run(Box<run::RunArgs>),
     /// Send one QMP command to a running VM's QMP socket and print the reply.
     Qmp(qmp::QmpArgs),
 }
@@ -32,7 +32,7 @@ pub enum Command {
 pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         None => crate::driver::nomad::plugin::run_plugin(cli.plugin_name),
-        Some(Command::Run(args)) => run::main(args),
+        Some(Command::Run(args)) => run::main(*args),
         Some(Command::Qmp(args)) => qmp::main(args),
     }
 }
