@@ -219,7 +219,7 @@ fn build_spec(args: &RunArgs) -> anyhow::Result<VmSpec> {
         dir,
         user: None,
         netns: None,
-        cgroup: None,
+        cgroups: Vec::new(),
         start_timeout: Duration::from_secs(args.start_timeout),
     })
 }

@@ -49,8 +49,10 @@ pub struct VmSpec {
     pub user: Option<UserIds>,
     /// Network namespace file to run QEMU in, such as `/var/run/netns/NAME`.
     pub netns: Option<PathBuf>,
-    /// cgroup v2 directory to put QEMU in.
-    pub cgroup: Option<PathBuf>,
+    /// cgroup directories to put QEMU in, one per hierarchy on cgroup v1 or a single one on
+    /// cgroup v2. QEMU joins each by writing its pid to `cgroup.procs` before `exec`, so it
+    /// never runs outside them.
+    pub cgroups: Vec<PathBuf>,
     /// Deadline for the QMP greeting and negotiation after spawn.
     pub start_timeout: Duration,
 }
@@ -188,18 +190,17 @@ fn spawn_with_listener(
         ),
         None => None,
     };
-    let cgroup_procs = match &spec.cgroup {
-        Some(dir) => {
-            Some(
-                ChildSetup::open_cgroup_procs(dir).map_err(|source| VmError::OpenFile {
-                    what: "cgroup.procs of",
-                    path: dir.clone(),
-                    source,
-                })?,
-            )
-        }
-        None => None,
-    };
+    let cgroup_procs = spec
+        .cgroups
+        .iter()
+        .map(|dir| {
+            ChildSetup::open_cgroup_procs(dir).map_err(|source| VmError::OpenFile {
+                what: "cgroup.procs of",
+                path: dir.clone(),
+                source,
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let setup = ChildSetup {
         qmp_listener: listener,
         netns,

@@ -83,7 +83,7 @@ pub struct UserIds {
 }
 
 /// What the forked child does before it executes QEMU, in this order: join the network
-/// namespace, join the cgroup, start a new session, move the QMP socket to [`QMP_CHILD_FD`]
+/// namespace, join the cgroups, start a new session, move the QMP socket to [`QMP_CHILD_FD`]
 /// without close-on-exec, and switch user last (joining a namespace needs the privileges the
 /// switch drops).
 #[derive(Debug)]
@@ -92,8 +92,8 @@ pub struct ChildSetup {
     pub qmp_listener: OwnedFd,
     /// Network namespace to join, opened read-only.
     pub netns: Option<File>,
-    /// `cgroup.procs` of the cgroup v2 directory to join, opened write-only.
-    pub cgroup_procs: Option<File>,
+    /// `cgroup.procs` of each cgroup directory to join (v1 or v2), opened write-only.
+    pub cgroup_procs: Vec<File>,
     /// User to run as.
     pub user: Option<UserIds>,
 }
@@ -118,7 +118,8 @@ impl ChildSetup {
     pub fn install(&self, command: &mut Command) {
         let qmp_fd = self.qmp_listener.as_raw_fd();
         let netns_fd = self.netns.as_ref().map(|file| file.as_raw_fd());
-        let cgroup_fd = self.cgroup_procs.as_ref().map(|file| file.as_raw_fd());
+        // Collected here, before the fork: the hook itself must not allocate.
+        let cgroup_fds: Vec<RawFd> = self.cgroup_procs.iter().map(AsRawFd::as_raw_fd).collect();
         let user = self.user;
 
         let hook = move || -> io::Result<()> {
@@ -127,8 +128,8 @@ impl ChildSetup {
                 // the spawn, and setns only reads it.
                 check(unsafe { libc::setns(fd, libc::CLONE_NEWNET) })?;
             }
-            if let Some(fd) = cgroup_fd {
-                // Writing "0" to cgroup.procs moves the writing process.
+            for &fd in &cgroup_fds {
+                // Writing "0" to cgroup.procs moves the writing process, on v1 and v2 alike.
                 let pid = b"0";
                 // SAFETY: `fd` is an open, writable file owned by the `ChildSetup`, and the
                 // buffer is a valid static slice of the given length.
@@ -162,7 +163,8 @@ impl ChildSetup {
 
         // SAFETY: the hook runs in the forked child before exec and only makes async-signal-safe
         // system calls (setns, write, setsid, fcntl, dup2, setgroups, setgid, setuid) on
-        // integers and fds captured by value. It allocates nothing and takes no locks.
+        // integers and fds captured by value; it reads the fd list built before the fork. It
+        // allocates nothing and takes no locks.
         unsafe {
             command.pre_exec(hook);
         }

@@ -93,7 +93,7 @@ pub fn guest_spec(name: &str, guest: Guest, dir: &Path) -> VmSpec {
         stderr: dir.join("stderr.log"),
         user: None,
         netns: None,
-        cgroup: None,
+        cgroups: Vec::new(),
         start_timeout: DEFAULT_START_TIMEOUT,
     }
 }
