@@ -514,10 +514,6 @@ telemetry {
 
     /// Lists the processes of this crate's plugin (matched by their path in `plugin_dir`).
     /// After an agent restart the old instance is re-parented, so more than one can exist.
-    #[expect(
-        dead_code,
-        reason = "the plugin e2e tests use it once the plugin serves the Nomad protocol"
-    )]
     pub fn plugin_processes(&self) -> Vec<ProcessInfo> {
         let plugin_path = self.plugin_path().to_string_lossy().into_owned();
         process::processes_mentioning(&plugin_path)

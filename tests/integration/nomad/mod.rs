@@ -7,4 +7,8 @@ pub mod agent;
 pub mod process;
 
 mod builtin_qemu;
+mod qemu_bad_jobs;
+mod qemu_common;
+mod qemu_lifecycle;
+mod qemu_recovery;
 mod raw_exec;

@@ -1,0 +1,206 @@
+//! A VM's life under this crate's driver in a real Nomad agent: boot, stats, a graceful stop,
+//! a stop forced at `kill_timeout`, and a task dir path too long for a unix socket.
+//!
+//! Each test prints its wall time and stop duration (run with `--nocapture` to see them).
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use super::agent::NomadAgent;
+use super::qemu_common::{
+    events_text, image_paths_config, plugin_log_lines, plugin_options, run_vm, stop_gracefully,
+    wait_no_qemu, ImageDir, VmJob,
+};
+use crate::support;
+
+const TASK: &str = "vm";
+
+/// Maximum wait for the first stats sample with both memory and CPU use.
+const STATS_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Bound on a stop of a guest that powers off on the power button: it takes about 1 s under
+/// TCG, far less than the 30 s kill_timeout, so a stop that waits for the timeout fails.
+const GRACEFUL_STOP_BOUND: Duration = Duration::from_secs(10);
+
+/// Byte length of `sun_path` in `struct sockaddr_un` on Linux.
+const SUN_PATH_LEN: usize = 108;
+
+/// Polls the allocation's stats until the task reports non-zero memory and CPU use, and
+/// returns that sample. Panics after [`STATS_TIMEOUT`] with the last response.
+async fn wait_task_stats(agent: &NomadAgent, alloc_id: &str, task: &str) -> Value {
+    let path = format!("/v1/client/allocation/{alloc_id}/stats");
+    let deadline = Instant::now() + STATS_TIMEOUT;
+    loop {
+        let output = agent.cli(&["operator", "api", &path]).await;
+        let stats: Value = serde_json::from_str(&output.stdout).unwrap_or(Value::Null);
+        let usage = &stats["Tasks"][task]["ResourceUsage"];
+        let memory = ["RSS", "Usage"]
+            .iter()
+            .filter_map(|field| usage["MemoryStats"][field].as_u64())
+            .max()
+            .unwrap_or(0);
+        let cpu = ["Percent", "TotalTicks"]
+            .iter()
+            .filter_map(|field| usage["CpuStats"][field].as_f64())
+            .fold(0.0, f64::max);
+        if memory > 0 && cpu > 0.0 {
+            return stats;
+        }
+
+        assert!(
+            Instant::now() < deadline,
+            "task {task} reported no memory and CPU use within {STATS_TIMEOUT:?}; \
+             last response: {} {}\nplugin log:\n{}",
+            output.stdout,
+            output.stderr,
+            plugin_log_lines(agent, 40)
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn qemu_job_runs_and_powers_off() {
+    let started = Instant::now();
+    let images = ImageDir::new();
+    let image = images.copy_guest("guest.qcow2", "poweroff.qcow2");
+    let agent = NomadAgent::start(plugin_options(image_paths_config(images.path()))).await;
+    let _slot = support::guest_slot().await;
+
+    let job = VmJob::new("qemu-poweroff", TASK, &image);
+    let vm = run_vm(&agent, &images, &job).await;
+    println!(
+        "qemu_job_runs_and_powers_off: job run to ready line {:?}",
+        vm.boot
+    );
+
+    let log = agent.alloc_logs(&vm.alloc_id, TASK, false).await;
+    assert!(
+        log.contains(support::READY_MARKER),
+        "nomad alloc logs lacks the ready line: {log:?}"
+    );
+
+    let stats = wait_task_stats(&agent, &vm.alloc_id, TASK).await;
+    println!(
+        "qemu_job_runs_and_powers_off: task stats {}",
+        stats["Tasks"][TASK]["ResourceUsage"]
+    );
+
+    let stop = stop_gracefully(&agent, &images, &vm, TASK, GRACEFUL_STOP_BOUND).await;
+    println!(
+        "qemu_job_runs_and_powers_off: graceful stop {stop:?} (kill_timeout 30s), wall time {:?}",
+        started.elapsed()
+    );
+
+    agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn qemu_stop_forced_at_kill_timeout() {
+    let started = Instant::now();
+    let images = ImageDir::new();
+    let image = images.copy_guest("guest-ignore.qcow2", "ignore.qcow2");
+    let agent = NomadAgent::start(plugin_options(image_paths_config(images.path()))).await;
+    let _slot = support::guest_slot().await;
+
+    let mut job = VmJob::new("qemu-ignore", TASK, &image);
+    job.kill_timeout = "5s".to_owned();
+    let vm = run_vm(&agent, &images, &job).await;
+
+    let (_, stop) = agent.stop_job(&vm.job_id, Duration::from_secs(60)).await;
+    let events = agent.task_events(&vm.alloc_id, TASK).await;
+    let text = events_text(&events);
+    println!(
+        "qemu_stop_forced_at_kill_timeout: stop {stop:?} (kill_timeout 5s), wall time {:?}\n{text}",
+        started.elapsed()
+    );
+    assert!(
+        stop >= Duration::from_millis(4500),
+        "the stop ended after {stop:?}, before the 5 s kill_timeout passed; events:\n{text}"
+    );
+    assert!(
+        stop < Duration::from_secs(8),
+        "the stop took {stop:?}, more than kill_timeout 5 s plus 3 s; events:\n{text}\n\
+         plugin log:\n{}",
+        plugin_log_lines(&agent, 40)
+    );
+
+    // Each step of the stop ladder, in order, as alternative wordings of one event.
+    let steps: [(&str, &[&str]); 3] = [
+        (
+            "power button pressed",
+            &["system_powerdown", "power button"],
+        ),
+        (
+            "guest did not power off in time",
+            &["did not power off", "timed out"],
+        ),
+        ("VM forced off", &["quit", "forced off"]),
+    ];
+    let lowered: Vec<String> = events
+        .iter()
+        .map(|(_, message)| message.to_lowercase())
+        .collect();
+    let mut from = 0;
+    for (step, wordings) in steps {
+        let found = lowered[from..]
+            .iter()
+            .position(|message| wordings.iter().any(|wording| message.contains(wording)));
+        let Some(offset) = found else {
+            panic!(
+                "no task event after event {from} shows the step {step:?} (one of {wordings:?}); \
+                 events:\n{text}\nplugin log:\n{}",
+                plugin_log_lines(&agent, 40)
+            );
+        };
+        from += offset + 1;
+    }
+
+    let left = wait_no_qemu(&images, Duration::from_secs(5)).await;
+    assert!(left.is_empty(), "QEMU still runs after the stop: {left:?}");
+
+    agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn qemu_long_task_dir_path() {
+    let started = Instant::now();
+    let images = ImageDir::new();
+    let image = images.copy_guest("guest.qcow2", "long-name.qcow2");
+    let agent = NomadAgent::start(plugin_options(image_paths_config(images.path()))).await;
+    let _slot = support::guest_slot().await;
+
+    let task = "vm-with-a-task-name-long-enough-to-push-its-dir-past-sun-path-limit";
+    let job = VmJob::new("qemu-long-name", task, &image);
+    let vm = run_vm(&agent, &images, &job).await;
+
+    let task_dir = agent
+        .dir()
+        .join("data")
+        .join("alloc")
+        .join(&vm.alloc_id)
+        .join(task);
+    assert!(
+        task_dir.is_dir(),
+        "task dir {} does not exist",
+        task_dir.display()
+    );
+    let length = task_dir.as_os_str().len();
+    assert!(
+        length > SUN_PATH_LEN,
+        "task dir {} is {length} bytes, not longer than sun_path ({SUN_PATH_LEN}), \
+         so this test checks nothing",
+        task_dir.display()
+    );
+
+    let stop = stop_gracefully(&agent, &images, &vm, task, GRACEFUL_STOP_BOUND).await;
+    println!(
+        "qemu_long_task_dir_path: task dir {length} bytes, boot {:?}, graceful stop {stop:?}, \
+         wall time {:?}",
+        vm.boot,
+        started.elapsed()
+    );
+
+    agent.shutdown().await;
+}

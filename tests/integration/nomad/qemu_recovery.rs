@@ -1,0 +1,164 @@
+//! A VM outlives its plugin process and its Nomad client agent: after either one is gone and
+//! back, the task still runs on the same QEMU process and a later stop is still graceful.
+
+use std::time::{Duration, Instant};
+
+use rustix::process::Signal;
+
+use super::agent::NomadAgent;
+use super::process;
+use super::qemu_common::{
+    events_text, image_paths_config, is_running, plugin_log_lines, plugin_options, run_vm,
+    stop_gracefully, ImageDir, RunningVm, VmJob, RECOVER_TIMEOUT,
+};
+use crate::support;
+
+const TASK: &str = "vm";
+
+/// Bound on a graceful stop after the recovery; see `GRACEFUL_STOP_BOUND` in the lifecycle
+/// tests.
+const GRACEFUL_STOP_BOUND: Duration = Duration::from_secs(10);
+
+/// Polls until exactly one process of this crate's plugin runs and returns its pid. Nomad
+/// also starts a short-lived instance to read the plugin's info, so two can run for a moment.
+async fn wait_single_plugin(agent: &NomadAgent, except: Option<i32>) -> i32 {
+    let deadline = Instant::now() + RECOVER_TIMEOUT;
+    loop {
+        let pids: Vec<i32> = agent
+            .plugin_processes()
+            .into_iter()
+            .map(|process| process.pid)
+            .filter(|&pid| is_running(pid) && Some(pid) != except)
+            .collect();
+        if let [pid] = pids[..] {
+            return pid;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "expected one plugin process (other than {except:?}) within {RECOVER_TIMEOUT:?}, \
+             found {pids:?}\nagent log tail:\n{}",
+            agent.log_tail(60)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Checks that the task runs on the same allocation and QEMU process as before and was not
+/// restarted.
+async fn assert_task_kept(agent: &NomadAgent, images: &ImageDir, vm: &RunningVm, what: &str) {
+    let alloc = agent
+        .wait_task_state(&vm.job_id, TASK, "running", RECOVER_TIMEOUT)
+        .await;
+    assert_eq!(
+        alloc["ID"].as_str(),
+        Some(vm.alloc_id.as_str()),
+        "a new allocation replaced the VM's after {what}"
+    );
+
+    // The task runner calls RecoverTask on the new plugin instance; give it time to fail.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let events = agent.task_events(&vm.alloc_id, TASK).await;
+    let text = events_text(&events);
+    let restarted = events
+        .iter()
+        .any(|(kind, _)| matches!(kind.as_str(), "Restarting" | "Terminated" | "Killed"));
+    assert!(
+        !restarted,
+        "the task ended or restarted after {what} instead of being recovered; events:\n{text}\n\
+         plugin log:\n{}",
+        plugin_log_lines(agent, 60)
+    );
+    let starts = events.iter().filter(|(kind, _)| kind == "Started").count();
+    assert_eq!(
+        starts, 1,
+        "the task was started again after {what} instead of being recovered; events:\n{text}"
+    );
+    let alloc = agent.alloc_status(&vm.alloc_id).await;
+    assert_eq!(
+        alloc["TaskStates"][TASK]["State"].as_str(),
+        Some("running"),
+        "the task is not running after {what}; events:\n{text}"
+    );
+
+    assert!(
+        is_running(vm.qemu_pid),
+        "QEMU pid {} died after {what}; plugin log:\n{}",
+        vm.qemu_pid,
+        plugin_log_lines(agent, 60)
+    );
+    assert_eq!(
+        images.qemu_pids(),
+        vec![vm.qemu_pid],
+        "the QEMU processes changed after {what}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn qemu_vm_survives_plugin_kill() {
+    let started = Instant::now();
+    let images = ImageDir::new();
+    let image = images.copy_guest("guest.qcow2", "plugin-kill.qcow2");
+    let agent = NomadAgent::start(plugin_options(image_paths_config(images.path()))).await;
+    let _slot = support::guest_slot().await;
+
+    let vm = run_vm(
+        &agent,
+        &images,
+        &VmJob::new("qemu-plugin-kill", TASK, &image),
+    )
+    .await;
+
+    let plugin = wait_single_plugin(&agent, None).await;
+    process::signal_process(plugin, Signal::KILL);
+    let killed = Instant::now();
+    let relaunched = wait_single_plugin(&agent, Some(plugin)).await;
+    println!(
+        "qemu_vm_survives_plugin_kill: plugin {plugin} killed, {relaunched} up after {:?}",
+        killed.elapsed()
+    );
+
+    assert_task_kept(&agent, &images, &vm, "the plugin was killed").await;
+
+    let stop = stop_gracefully(&agent, &images, &vm, TASK, GRACEFUL_STOP_BOUND).await;
+    println!(
+        "qemu_vm_survives_plugin_kill: graceful stop {stop:?}, wall time {:?}",
+        started.elapsed()
+    );
+
+    agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn qemu_vm_survives_agent_restart() {
+    let started = Instant::now();
+    let images = ImageDir::new();
+    let image = images.copy_guest("guest.qcow2", "agent-restart.qcow2");
+    let mut agent = NomadAgent::start(plugin_options(image_paths_config(images.path()))).await;
+    let _slot = support::guest_slot().await;
+
+    let vm = run_vm(
+        &agent,
+        &images,
+        &VmJob::new("qemu-agent-restart", TASK, &image),
+    )
+    .await;
+
+    let agent_pid = agent.pid().expect("the agent runs");
+    let restart = Instant::now();
+    agent.restart().await;
+    println!(
+        "qemu_vm_survives_agent_restart: agent restarted in {:?}",
+        restart.elapsed()
+    );
+    assert_ne!(agent.pid(), Some(agent_pid), "the agent was not restarted");
+
+    assert_task_kept(&agent, &images, &vm, "the agent restarted").await;
+
+    let stop = stop_gracefully(&agent, &images, &vm, TASK, GRACEFUL_STOP_BOUND).await;
+    println!(
+        "qemu_vm_survives_agent_restart: graceful stop {stop:?}, wall time {:?}",
+        started.elapsed()
+    );
+
+    agent.shutdown().await;
+}
