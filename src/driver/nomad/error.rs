@@ -9,7 +9,9 @@ use prost::Message;
 use tonic::{Code, Status};
 
 use super::config::{ConfigError, DecodeError};
+use super::handle::HandleError;
 use super::proto::{rpc, structs::RecoverableError};
+use crate::driver::vm::VmError;
 
 /// Type URL of the `RecoverableError` detail, as Nomad's client matches it.
 pub const RECOVERABLE_ERROR_TYPE_URL: &str =
@@ -59,6 +61,94 @@ pub enum DriverError {
     #[error("the qemu driver does not create network namespaces: Nomad creates them")]
     NetworkUnsupported,
 
+    /// A StartTask for this id is still in progress.
+    #[error("task {task_id} is already starting: wait for the first StartTask to finish")]
+    TaskStarting {
+        /// The task id Nomad sent.
+        task_id: String,
+    },
+
+    /// The task handle was created by Nomad's built-in qemu driver.
+    #[error(
+        "task {task_id} was started by Nomad's built-in qemu driver, whose state this driver \
+         cannot adopt; {outcome}, and Nomad will start the task again under this driver"
+    )]
+    BuiltinHandle {
+        /// The task id of the handle.
+        task_id: String,
+        /// What happened to the built-in driver's QEMU.
+        outcome: String,
+    },
+
+    /// The task handle has a version this driver does not write.
+    #[error(
+        "task {task_id} has a handle of version {version}, expected {expected}: \
+         it was not created by this driver; Nomad will start the task again"
+    )]
+    UnsupportedHandleVersion {
+        /// The task id of the handle.
+        task_id: String,
+        /// The handle's version.
+        version: i32,
+        /// The version this driver writes.
+        expected: i32,
+    },
+
+    /// The handle's `driver_state` could not be decoded.
+    #[error("failed to recover task {task_id}: invalid task handle")]
+    InvalidHandle {
+        /// The task id of the handle.
+        task_id: String,
+        /// Why decoding failed.
+        #[source]
+        source: HandleError,
+    },
+
+    /// The task's VM is alive but could not be adopted.
+    #[error("failed to recover task {task_id}; {outcome}")]
+    RecoverFailed {
+        /// The task id of the handle.
+        task_id: String,
+        /// What happened to the VM that could not be adopted.
+        outcome: String,
+        /// Why adopting failed.
+        #[source]
+        source: Box<VmError>,
+    },
+
+    /// Stopping or killing the task's VM failed.
+    #[error("failed to stop task {task_id}")]
+    StopFailed {
+        /// The task id Nomad sent.
+        task_id: String,
+        /// What failed.
+        #[source]
+        source: Box<VmError>,
+    },
+
+    /// SignalTask named a signal this driver has no VM action for.
+    #[error(
+        "signal {signal:?} is not supported by the qemu driver: use SIGSTOP (pause the vCPUs), \
+         SIGCONT (resume them), or SIGINT, SIGTERM, SIGPWR (press the ACPI power button once); \
+         stop the task with Nomad to force the VM off"
+    )]
+    UnsupportedSignal {
+        /// The signal as Nomad sent it.
+        signal: String,
+    },
+
+    /// Delivering a supported signal failed.
+    #[error("failed to deliver {signal} to task {task_id}")]
+    SignalFailed {
+        /// The task id Nomad sent.
+        task_id: String,
+        /// The signal as Nomad sent it.
+        signal: String,
+        /// What failed.
+        #[source]
+        source: Box<VmError>,
+    },
+
     /// Starting a task failed.
     #[error("failed to start task {task_id}")]
     StartFailed {
@@ -77,7 +167,16 @@ impl DriverError {
         match self {
             Self::InvalidPluginConfig(_)
             | Self::PluginConfigRejected(_)
-            | Self::MissingField { .. } => Code::InvalidArgument,
+            | Self::MissingField { .. }
+            | Self::InvalidHandle { .. }
+            | Self::UnsupportedSignal { .. } => Code::InvalidArgument,
+            Self::TaskStarting { .. } => Code::AlreadyExists,
+            Self::BuiltinHandle { .. } | Self::UnsupportedHandleVersion { .. } => {
+                Code::FailedPrecondition
+            }
+            Self::RecoverFailed { .. } | Self::StopFailed { .. } | Self::SignalFailed { .. } => {
+                Code::Internal
+            }
             Self::TaskNotFound { .. } => Code::NotFound,
             Self::VmLayerMissing { .. } | Self::ExecUnsupported | Self::NetworkUnsupported => {
                 Code::Unimplemented

@@ -6,8 +6,8 @@
 //! * [`Vm::saved`] returns the [`SavedVm`] from which [`Vm::reattach`] adopts the running VM
 //!   after a plugin restart, without restarting it.
 //! * [`Vm::stop`] powers the guest off gracefully and escalates after the timeout;
-//!   [`Vm::kill`] skips the graceful step. [`Vm::pause`] and [`Vm::resume`] stop and continue
-//!   the vCPUs.
+//!   [`Vm::kill`] skips the graceful step, and [`Vm::press_power_button`] only asks the
+//!   guest. [`Vm::pause`] and [`Vm::resume`] stop and continue the vCPUs.
 //! * [`Vm::wait`] returns why the VM ended, the same [`VmExit`] for every caller.
 //! * [`Vm::stats`] samples host and guest statistics within a deadline.
 //! * [`Vm::events`] subscribes to [`VmEvent`]s, and [`Vm::state`] returns the [`VmState`].
@@ -292,6 +292,31 @@ impl Vm {
     /// Stops the VM without asking the guest: QMP `quit`, then SIGTERM, then SIGKILL.
     pub async fn kill(&self) -> Result<VmExit, VmError> {
         stop::stop(self.shared(), None, libc::SIGTERM).await
+    }
+
+    /// Presses the guest's ACPI power button once (QMP `system_powerdown`) and returns. Unlike
+    /// [`Vm::stop`] it neither waits for the guest nor escalates: the guest may ignore it.
+    pub async fn press_power_button(&self) -> Result<(), VmError> {
+        let shared = self.shared();
+        let state = shared.current_state();
+        if !matches!(state, VmState::Running | VmState::Paused) {
+            return Err(VmError::InvalidState {
+                vm: shared.name.clone(),
+                operation: "press the power button of",
+                state,
+            });
+        }
+        shared
+            .qmp
+            .call(&commands::SystemPowerdown)
+            .await
+            .map_err(|source| VmError::Command {
+                vm: shared.name.clone(),
+                source,
+            })?;
+        tracing::info!(parent: &shared.span, "system_powerdown sent");
+        shared.emit(VmEvent::PowerdownSent);
+        Ok(())
     }
 
     /// Stops the guest's vCPUs (QMP `stop`).

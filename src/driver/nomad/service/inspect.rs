@@ -1,52 +1,49 @@
-//! Read-only and signal RPCs on a running task: InspectTask, TaskStats and SignalTask.
+//! Read-only RPCs on a task: InspectTask, and the task check of TaskStats.
+
+use tracing::Instrument;
 
 use crate::driver::nomad::error::DriverError;
 use crate::driver::nomad::proto::drivers::{
-    InspectTaskRequest, InspectTaskResponse, SignalTaskRequest, TaskState, TaskStatus,
+    InspectTaskRequest, InspectTaskResponse, TaskState, TaskStatus,
 };
 
 use super::DriverService;
 
 impl DriverService {
-    /// Reports the task's id, name and state. Nomad's client never calls this RPC.
+    /// Reports the task's id, name, state, start time and, once it exited, its result. Nomad's
+    /// client never calls this RPC.
     pub(super) async fn inspect_task(
         &self,
         request: InspectTaskRequest,
     ) -> Result<InspectTaskResponse, DriverError> {
-        let task = self
-            .tasks
-            .get(&request.task_id)
-            .ok_or_else(|| DriverError::TaskNotFound {
-                task_id: request.task_id.clone(),
-            })?;
-        Ok(InspectTaskResponse {
-            task: Some(TaskStatus {
-                id: task.config.id.clone(),
-                name: task.config.name.clone(),
-                state: TaskState::Running.into(),
-                ..TaskStatus::default()
-            }),
-            ..InspectTaskResponse::default()
-        })
+        let span = self.task_span("inspect_task", &request.task_id);
+        async {
+            let task = self.task(&request.task_id)?;
+            let exit = task.try_exit();
+            let state = if exit.is_some() {
+                TaskState::Exited
+            } else {
+                TaskState::Running
+            };
+            Ok(InspectTaskResponse {
+                task: Some(TaskStatus {
+                    id: task.config().id.clone(),
+                    name: task.config().name.clone(),
+                    state: state.into(),
+                    started_at: Some(task.state().started_at.into()),
+                    result: exit.and_then(|exit| exit.to_response().result),
+                    ..TaskStatus::default()
+                }),
+                ..InspectTaskResponse::default()
+            })
+        }
+        .instrument(span)
+        .await
     }
 
     /// Checks that the task exists before stats are streamed.
     pub(super) fn check_stats_task(&self, task_id: &str) -> Result<(), DriverError> {
-        self.tasks
-            .get(task_id)
-            .ok_or_else(|| DriverError::TaskNotFound {
-                task_id: task_id.to_owned(),
-            })?;
+        self.task(task_id)?;
         Err(DriverError::VmLayerMissing { rpc: "TaskStats" })
-    }
-
-    /// Delivers a signal to the task's VM.
-    pub(super) async fn signal_task(&self, request: SignalTaskRequest) -> Result<(), DriverError> {
-        self.tasks
-            .get(&request.task_id)
-            .ok_or_else(|| DriverError::TaskNotFound {
-                task_id: request.task_id.clone(),
-            })?;
-        Err(DriverError::VmLayerMissing { rpc: "SignalTask" })
     }
 }

@@ -1,101 +1,152 @@
-//! Task lifecycle RPCs: StartTask, RecoverTask, WaitTask, StopTask and DestroyTask.
+//! Task lifecycle RPCs after the start: WaitTask, StopTask and DestroyTask.
 
-use crate::driver::nomad::config::TaskConfig as DriverConfig;
+use std::time::Duration;
+
+use tracing::Instrument;
+
+use crate::driver::nomad::cgroup;
 use crate::driver::nomad::error::DriverError;
 use crate::driver::nomad::proto::drivers::{
-    DestroyTaskRequest, RecoverTaskRequest, StartTaskRequest, StartTaskResponse, StopTaskRequest,
-    WaitTaskRequest, WaitTaskResponse,
+    DestroyTaskRequest, StopTaskRequest, WaitTaskRequest, WaitTaskResponse,
 };
+use crate::driver::vm::sys;
 
 use super::DriverService;
 
+/// Stop timeout when Nomad sends none, the default `kill_timeout` of Nomad's tasks.
+const DEFAULT_KILL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Signal of the stop ladder's signal step when Nomad's `kill_signal` is empty.
+const DEFAULT_KILL_SIGNAL: i32 = libc::SIGTERM;
+
 impl DriverService {
-    /// Decodes the task's driver config, so that a bad job fails with the decoder's message,
-    /// then reports that VMs cannot be started yet.
-    pub(super) async fn start_task(
-        &self,
-        request: StartTaskRequest,
-    ) -> Result<StartTaskResponse, DriverError> {
-        let task = request
-            .task
-            .ok_or(DriverError::MissingField { field: "task" })?;
-        if task.id.is_empty() {
-            return Err(DriverError::MissingField { field: "task.id" });
-        }
-        let _span = tracing::info_span!(
-            "start_task",
-            task_id = %task.id,
-            alloc_id = %task.alloc_id,
-            task = %task.name
-        )
-        .entered();
-
-        DriverConfig::decode(&task.msgpack_driver_config).map_err(|source| {
-            DriverError::StartFailed {
-                task_id: task.id.clone(),
-                recoverable: false,
-                source: Box::new(source),
-            }
-        })?;
-
-        // TODO: start the VM through `crate::driver::vm` and store its handle in `self.tasks`.
-        Err(DriverError::VmLayerMissing { rpc: "StartTask" })
-    }
-
-    /// Re-attaches to a task started by an earlier plugin process.
-    pub(super) async fn recover_task(
-        &self,
-        request: RecoverTaskRequest,
-    ) -> Result<(), DriverError> {
-        let handle = request
-            .handle
-            .ok_or(DriverError::MissingField { field: "handle" })?;
-        let task_id = handle.config.map(|config| config.id).unwrap_or_default();
-        if task_id.is_empty() {
-            return Err(DriverError::MissingField {
-                field: "handle.config.id",
-            });
-        }
-        // A reattached plugin process already tracks its tasks.
-        if self.tasks.get(&task_id).is_some() {
-            return Ok(());
-        }
-        // TODO: decode `handle.driver_state` and reattach through `crate::driver::vm`.
-        Err(DriverError::VmLayerMissing { rpc: "RecoverTask" })
-    }
-
-    /// Waits for the task's VM to exit.
+    /// Waits for the task's VM to exit. Every call returns the same result until DestroyTask.
     pub(super) async fn wait_task(
         &self,
         request: WaitTaskRequest,
     ) -> Result<WaitTaskResponse, DriverError> {
-        self.tasks
-            .get(&request.task_id)
-            .ok_or_else(|| DriverError::TaskNotFound {
-                task_id: request.task_id.clone(),
-            })?;
-        Err(DriverError::VmLayerMissing { rpc: "WaitTask" })
-    }
-
-    /// Stops the task's VM. An unknown id is already stopped: an error would make Nomad retry
-    /// for about six minutes.
-    pub(super) async fn stop_task(&self, request: StopTaskRequest) -> Result<(), DriverError> {
-        if self.tasks.get(&request.task_id).is_none() {
-            tracing::debug!(task_id = %request.task_id, "StopTask for an unknown task, nothing to stop");
-            return Ok(());
+        let span = self.task_span("wait_task", &request.task_id);
+        async {
+            let task = self.task(&request.task_id)?;
+            let exit = task.wait().await;
+            tracing::debug!(?exit, "task exited");
+            Ok(exit.to_response())
         }
-        Err(DriverError::VmLayerMissing { rpc: "StopTask" })
+        .instrument(span)
+        .await
     }
 
-    /// Forgets the task and frees what it holds. An unknown id is already destroyed.
+    /// Stops the task's VM and returns once it is gone.
+    ///
+    /// With `graceful_shutdown` the guest gets the ACPI power button and `timeout` to power
+    /// off before the VM layer escalates to QMP `quit`, Nomad's `kill_signal` and SIGKILL.
+    /// Without it, or with `kill_signal = "SIGKILL"`, QEMU quits at once, the way the built-in
+    /// driver kills it. An unknown or exited id is already stopped: an error would make Nomad
+    /// retry for about six minutes.
+    pub(super) async fn stop_task(&self, request: StopTaskRequest) -> Result<(), DriverError> {
+        let span = self.task_span("stop_task", &request.task_id);
+        async {
+            let Some(task) = self.tasks.get(&request.task_id) else {
+                tracing::debug!("StopTask for an unknown task, nothing to stop");
+                return Ok(());
+            };
+            let Some(vm) = task.vm().filter(|vm| vm.try_exit().is_none()) else {
+                tracing::debug!("StopTask for an exited task, nothing to stop");
+                return Ok(());
+            };
+
+            let timeout = request
+                .timeout
+                .and_then(|timeout| Duration::try_from(timeout).ok())
+                .unwrap_or(DEFAULT_KILL_TIMEOUT);
+            let signal = kill_signal(&request.signal);
+            let graceful = task.state().graceful_shutdown && signal != libc::SIGKILL;
+            tracing::info!(
+                graceful,
+                ?timeout,
+                signal = %sys::signal_name(signal),
+                "stopping VM"
+            );
+
+            task.mark_stop_requested();
+            let result = if graceful {
+                vm.stop(timeout, signal).await
+            } else {
+                vm.kill().await
+            };
+            let exit = result.map_err(|source| DriverError::StopFailed {
+                task_id: request.task_id.clone(),
+                source: Box::new(source),
+            })?;
+            tracing::info!(%exit, "VM stopped");
+            Ok(())
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Kills the VM if it still runs, removes its QMP socket and cgroups, and forgets the task. An unknown
+    /// id is already destroyed.
     pub(super) async fn destroy_task(
         &self,
         request: DestroyTaskRequest,
     ) -> Result<(), DriverError> {
-        if self.tasks.get(&request.task_id).is_none() {
-            tracing::debug!(task_id = %request.task_id, "DestroyTask for an unknown task, nothing to free");
-            return Ok(());
+        let span = self.task_span("destroy_task", &request.task_id);
+        async {
+            let Some(task) = self.tasks.get(&request.task_id) else {
+                tracing::debug!("DestroyTask for an unknown task, nothing to free");
+                return Ok(());
+            };
+            if let Some(vm) = task.vm().filter(|vm| vm.try_exit().is_none()) {
+                tracing::info!(pid = vm.pid(), "VM still running at DestroyTask, killing it");
+                task.mark_stop_requested();
+                vm.kill()
+                    .await
+                    .map_err(|source| DriverError::StopFailed {
+                        task_id: request.task_id.clone(),
+                        source: Box::new(source),
+                    })?;
+            }
+
+            let socket = &task.state().qmp_socket;
+            match std::fs::remove_file(socket) {
+                Ok(()) => {}
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+                Err(error) => {
+                    tracing::warn!(socket = %socket.display(), %error, "failed to remove the QMP socket");
+                }
+            }
+            cgroup::cleanup(&task.state().cgroups).await;
+            self.tasks.remove(&request.task_id);
+            tracing::info!("task destroyed");
+            Ok(())
         }
-        Err(DriverError::VmLayerMissing { rpc: "DestroyTask" })
+        .instrument(span)
+        .await
+    }
+}
+
+/// Parses Nomad's `kill_signal`. An empty value takes the default, and an unknown name falls
+/// back to it with a warning, because a StopTask error would only make Nomad retry.
+fn kill_signal(name: &str) -> i32 {
+    if name.is_empty() {
+        return DEFAULT_KILL_SIGNAL;
+    }
+    sys::parse_signal(name).unwrap_or_else(|| {
+        tracing::warn!(kill_signal = name, "unknown kill_signal, using SIGTERM");
+        DEFAULT_KILL_SIGNAL
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kill_signal_defaults() {
+        assert_eq!(kill_signal(""), libc::SIGTERM);
+        assert_eq!(kill_signal("SIGINT"), libc::SIGINT);
+        assert_eq!(kill_signal("SIGKILL"), libc::SIGKILL);
+        assert_eq!(kill_signal("SIGNOPE"), libc::SIGTERM);
     }
 }

@@ -6,7 +6,11 @@ mod events;
 mod fingerprint;
 mod inspect;
 mod lifecycle;
+mod recover;
+mod signal;
+mod start;
 mod store;
+mod task;
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -15,9 +19,11 @@ use futures::Stream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
-pub use events::TaskEvents;
+pub use events::{EventTarget, TaskEvents};
 pub use fingerprint::FINGERPRINT_PERIOD;
+pub use signal::SignalAction;
 pub use store::TaskStore;
+pub use task::{Task, TaskExit};
 
 use super::base::PluginState;
 use super::error::{to_status, DriverError};
@@ -31,20 +37,12 @@ use super::proto::drivers::{
     ExecTaskStreamingResponse, FingerprintRequest, InitRequest, InitResponse, InspectTaskRequest,
     InspectTaskResponse, RecoverTaskRequest, RecoverTaskResponse, ShutdownRequest,
     ShutdownResponse, SignalTaskRequest, SignalTaskResponse, StartTaskRequest, StartTaskResponse,
-    StopTaskRequest, StopTaskResponse, TaskConfig, TaskConfigSchemaRequest,
-    TaskConfigSchemaResponse, TaskEventsRequest, TaskStatsRequest, TaskStatsResponse,
-    WaitTaskRequest, WaitTaskResponse,
+    StopTaskRequest, StopTaskResponse, TaskConfigSchemaRequest, TaskConfigSchemaResponse,
+    TaskEventsRequest, TaskStatsRequest, TaskStatsResponse, WaitTaskRequest, WaitTaskResponse,
 };
 use super::schema;
 
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
-
-/// Per-task state of the plugin.
-#[derive(Debug)]
-pub struct Task {
-    /// The TaskConfig of the StartTask request, echoed in the task handle.
-    pub config: TaskConfig,
-}
 
 /// Returns the capabilities Nomad's client plans tasks with.
 ///
@@ -73,6 +71,7 @@ pub fn capabilities() -> DriverCapabilities {
 pub struct DriverService {
     state: Arc<PluginState>,
     tasks: TaskStore<Task>,
+    starting: Arc<start::StartingTasks>,
     events: TaskEvents,
     shutdown: CancellationToken,
 }
@@ -83,9 +82,37 @@ impl DriverService {
         Self {
             state,
             tasks: TaskStore::default(),
+            starting: Arc::default(),
             events,
             shutdown,
         }
+    }
+
+    /// Returns the task `task_id`, or the error for an unknown id.
+    fn task(&self, task_id: &str) -> Result<Arc<Task>, DriverError> {
+        self.tasks
+            .get(task_id)
+            .ok_or_else(|| DriverError::TaskNotFound {
+                task_id: task_id.to_owned(),
+            })
+    }
+
+    /// Returns the span of `rpc` on `task_id`, with the alloc id, task name and VM name when
+    /// the task is known.
+    fn task_span(&self, rpc: &'static str, task_id: &str) -> tracing::Span {
+        let task = self.tasks.get(task_id);
+        tracing::info_span!(
+            "task_rpc",
+            rpc,
+            task_id,
+            alloc_id = task
+                .as_ref()
+                .map_or("", |task| task.config().alloc_id.as_str()),
+            task = task.as_ref().map_or("", |task| task.config().name.as_str()),
+            vm = task
+                .as_ref()
+                .map_or("", |task| task.state().vm.name.as_str()),
+        )
     }
 }
 
