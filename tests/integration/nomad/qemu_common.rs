@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use tempfile::TempDir;
 
-use super::agent::{AgentOptions, NomadAgent};
+use super::agent::{is_alloc_stopped, task_events_of, AgentOptions, NomadAgent};
 use super::process;
 use crate::support;
 
@@ -24,6 +24,9 @@ pub const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// Time for the driver's replacement to come up after the plugin or the agent went away.
 pub const RECOVER_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Name of the logger under which the agent logs what this crate's plugin writes to stderr.
+const PLUGIN_LOGGER: &str = "client.driver_mgr.nomad-driver-qemu";
 
 /// A VM job with one task, `restart` and `reschedule` off so that a failure stays visible on
 /// the first allocation.
@@ -215,8 +218,18 @@ pub async fn run_vm(agent: &NomadAgent, images: &ImageDir, job: &VmJob) -> Runni
     let started = Instant::now();
     let job_id = agent.run_job(&job.hcl()).await;
     let alloc = agent
-        .wait_task_state(&job_id, &job.task, "running", START_TIMEOUT)
+        .wait_alloc(&job_id, "the task to run", START_TIMEOUT, |alloc| {
+            alloc["TaskStates"][&job.task]["State"] == "running" || is_alloc_stopped(alloc)
+        })
         .await;
+    assert_eq!(
+        alloc["TaskStates"][&job.task]["State"],
+        "running",
+        "task {} did not start; events:\n{}\nplugin log:\n{}",
+        job.task,
+        events_text(&task_events_of(&alloc, &job.task)),
+        plugin_log_lines(agent, 40)
+    );
     let alloc_id = alloc["ID"]
         .as_str()
         .expect("allocation has an ID")
@@ -256,9 +269,7 @@ pub fn plugin_log_lines(agent: &NomadAgent, max: usize) -> String {
     let text = std::fs::read_to_string(agent.dir().join("agent.log")).unwrap_or_default();
     let lines: Vec<&str> = text
         .lines()
-        .filter(|line| {
-            line.contains(super::agent::PLUGIN_FILE_NAME) || line.contains("driver=qemu")
-        })
+        .filter(|line| line.contains(PLUGIN_LOGGER))
         .collect();
     lines[lines.len().saturating_sub(max)..].join("\n")
 }
