@@ -211,6 +211,17 @@ impl TaskCgroups {
     pub fn created(&self) -> &[PathBuf] {
         &self.created
     }
+
+    /// Reads the memory the task's memory cgroup charges in bytes (`memory.current` on v2,
+    /// `memory.usage_in_bytes` on v1, page cache included), or `None` without such a cgroup.
+    pub fn memory_usage(&self) -> Option<u64> {
+        self.dirs.iter().find_map(|dir| {
+            ["memory.current", "memory.usage_in_bytes"]
+                .iter()
+                .find_map(|file| std::fs::read_to_string(dir.join(file)).ok())
+                .and_then(|text| text.trim().parse().ok())
+        })
+    }
 }
 
 /// Prepares the cgroups of `task` on this host with a memory limit of `memory_limit_mib`
@@ -520,6 +531,10 @@ mod tests {
         );
         assert_eq!(read(&cpu.join("cpu.shares")), "500");
         assert!(!shared.join("memory.limit_in_bytes").exists());
+        assert_eq!(cgroups.memory_usage(), None);
+        std::fs::write(memory.join("memory.usage_in_bytes"), "4096\n").expect("usage file");
+        assert_eq!(cgroups.memory_usage(), Some(4096));
+        std::fs::remove_file(memory.join("memory.usage_in_bytes")).expect("remove file");
 
         // Again for the same task, as after a plugin crash in the middle of StartTask.
         let again = prepare_in(&hierarchy, &task, 640)
@@ -596,7 +611,7 @@ mod tests {
         let cgroups = prepare_in(&Hierarchy::Unified, &task, 256)
             .await
             .expect("prepare");
-        assert_eq!(cgroups.dirs(), [scope.clone()]);
+        assert_eq!(cgroups.dirs(), std::slice::from_ref(&scope));
         assert!(cgroups.created().is_empty());
         assert_eq!(read(&scope.join("memory.max")), (256u64 << 20).to_string());
         assert_eq!(read(&scope.join("cpu.weight")), "39");

@@ -9,6 +9,7 @@ mod lifecycle;
 mod recover;
 mod signal;
 mod start;
+pub mod stats;
 mod store;
 mod task;
 
