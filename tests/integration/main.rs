@@ -7,6 +7,7 @@ mod fake_qmp;
 mod fingerprint_host;
 mod nomad;
 mod plugin_protocol;
+mod plugin_tasks;
 mod qmp_faults;
 mod qmp_real;
 mod support;
