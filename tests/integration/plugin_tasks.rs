@@ -145,8 +145,8 @@ impl TaskFixture {
         }
     }
 
-    /// Returns the TaskConfig Nomad sends for a task with the given driver `config` entries;
-    /// every other option of the schema is nil, as Nomad sends it.
+    /// Returns the TaskConfig Nomad sends for a task with these driver `config` entries.
+    /// Every other option of the schema is nil, as Nomad sends it.
     fn task(&self, id_suffix: &str, entries: &[(&str, Value)]) -> TaskConfig {
         let options = [
             "accelerator",
