@@ -8,6 +8,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use rustix::process::Signal;
 use serde_json::Value;
 use tempfile::TempDir;
 
@@ -160,6 +161,17 @@ impl ImageDir {
             .map(|process| process.pid)
             .filter(|&pid| is_running(pid))
             .collect()
+    }
+}
+
+/// SIGKILLs any QEMU still booting from this dir, so that a failed test leaves no VM behind
+/// even when the harness cannot tell that the VM belongs to its agent.
+impl Drop for ImageDir {
+    fn drop(&mut self) {
+        for pid in self.qemu_pids() {
+            tracing::warn!(pid, dir = %self.path.display(), "killing a QEMU left by the test");
+            process::signal_process(pid, Signal::KILL);
+        }
     }
 }
 

@@ -3,14 +3,15 @@
 //!
 //! Each test prints its wall time and stop duration (run with `--nocapture` to see them).
 
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
 use super::agent::NomadAgent;
 use super::qemu_common::{
-    events_text, image_paths_config, plugin_log_lines, plugin_options, run_vm, stop_gracefully,
-    wait_no_qemu, ImageDir, VmJob,
+    events_text, image_paths_config, is_running, plugin_log_lines, plugin_options, run_vm,
+    stop_gracefully, wait_no_qemu, ImageDir, VmJob,
 };
 use crate::support;
 
@@ -209,4 +210,37 @@ async fn qemu_long_task_dir_path() {
     );
 
     agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn qemu_vm_killed_after_panic() {
+    let images = Arc::new(ImageDir::new());
+    let image = images.copy_guest("guest.qcow2", "panic.qcow2");
+    let qemu_pid = Arc::new(Mutex::new(None::<i32>));
+
+    // The test keeps its own reference to `images`, so only the agent's guard can end the VM.
+    let test_images = Arc::clone(&images);
+    let seen_pid = Arc::clone(&qemu_pid);
+    let test = tokio::spawn(async move {
+        let agent = NomadAgent::start(plugin_options(image_paths_config(test_images.path()))).await;
+        let _slot = support::guest_slot().await;
+        let vm = run_vm(
+            &agent,
+            &test_images,
+            &VmJob::new("qemu-panic", TASK, &image),
+        )
+        .await;
+        *seen_pid.lock().expect("lock is not poisoned") = Some(vm.qemu_pid);
+        panic!("deliberate panic while the VM runs");
+    });
+    let outcome = test.await;
+    assert!(outcome.is_err_and(|err| err.is_panic()));
+
+    let pid = qemu_pid
+        .lock()
+        .expect("lock is not poisoned")
+        .expect("the VM started before the panic");
+    let left = wait_no_qemu(&images, Duration::from_secs(5)).await;
+    assert!(left.is_empty(), "QEMU outlived the panic: {left:?}");
+    assert!(!is_running(pid), "QEMU pid {pid} outlived the panic");
 }
