@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 pub use events::{EventTarget, TaskEvents};
-pub use fingerprint::FINGERPRINT_PERIOD;
+pub use fingerprint::{KvmCache, FINGERPRINT_PERIOD};
 pub use signal::SignalAction;
 pub use store::TaskStore;
 pub use task::{Task, TaskExit};
@@ -42,6 +42,7 @@ use super::proto::drivers::{
     TaskEventsRequest, TaskStatsRequest, TaskStatsResponse, WaitTaskRequest, WaitTaskResponse,
 };
 use super::schema;
+use crate::fingerprint::Probes;
 
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
@@ -74,6 +75,7 @@ pub struct DriverService {
     tasks: TaskStore<Task>,
     starting: Arc<start::StartingTasks>,
     events: TaskEvents,
+    kvm: KvmCache,
     shutdown: CancellationToken,
 }
 
@@ -85,6 +87,7 @@ impl DriverService {
             tasks: TaskStore::default(),
             starting: Arc::default(),
             events,
+            kvm: KvmCache::default(),
             shutdown,
         }
     }
@@ -160,7 +163,13 @@ impl Driver for DriverService {
         &self,
         _request: Request<FingerprintRequest>,
     ) -> Result<Response<Self::FingerprintStream>, Status> {
-        let stream = fingerprint::open(self.state.name().to_owned(), self.shutdown.clone());
+        let probes = Probes::host(self.state.settings().plugin.emulators_allowlist.clone());
+        let stream = fingerprint::open(
+            self.state.name(),
+            probes,
+            self.kvm.clone(),
+            self.shutdown.clone(),
+        );
         Ok(Response::new(stream))
     }
 
