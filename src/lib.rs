@@ -14,3 +14,4 @@ pub mod cli;
 pub mod driver;
 pub mod fingerprint;
 pub mod qmp;
+mod report;

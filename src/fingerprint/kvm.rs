@@ -21,6 +21,7 @@ use tokio::io::AsyncReadExt;
 use tokio::process::Command;
 
 use crate::driver::vm::argv::{DirectKernel, Machine, Memory, Piece, QemuCommandLine};
+use crate::report::error_chain;
 
 /// Default time the probe guest gets, from spawn to exit.
 ///
@@ -196,16 +197,6 @@ fn probe_command_line(emulator: &Path, accelerator: &str, image: &Path) -> QemuC
         })
 }
 
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
 
 #[cfg(test)]
 mod tests {

@@ -12,6 +12,7 @@ use super::config::{ConfigError, DecodeError};
 use super::handle::HandleError;
 use super::proto::{rpc, structs::RecoverableError};
 use crate::driver::vm::VmError;
+use crate::report::error_chain;
 
 /// Type URL of the `RecoverableError` detail, as Nomad's client matches it.
 pub const RECOVERABLE_ERROR_TYPE_URL: &str =
@@ -219,17 +220,6 @@ pub fn to_status(error: &DriverError) -> Status {
     Status::with_details(code, message, details.encode_to_vec().into())
 }
 
-/// Renders an error and its sources as `outer: inner: root`.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
 
 #[cfg(test)]
 mod tests {

@@ -31,6 +31,8 @@ use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::Layer;
 
+use crate::report::error_chain;
+
 /// Level used when `RUST_LOG` is unset or invalid.
 const DEFAULT_FILTER: &str = "info";
 
@@ -250,17 +252,6 @@ impl Visit for JsonVisitor {
     }
 }
 
-/// Renders an error and its sources as `outer: inner: root`.
-fn error_chain(error: &(dyn StdError + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
 
 #[cfg(test)]
 mod tests {
