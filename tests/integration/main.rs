@@ -3,6 +3,7 @@
 //! Guests come from `fixtures/build-guests.sh`; a missing guest or QEMU binary fails the test
 //! with the command to run, it never skips it.
 
+mod cgroup_v1;
 mod fake_qmp;
 mod fingerprint_host;
 mod nomad;
