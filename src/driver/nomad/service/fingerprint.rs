@@ -123,8 +123,10 @@ pub fn open(
 
     tokio::spawn(async move {
         let mut kvm_status = kvm.subscribe();
-        // The periodic run must not start a guest: a zero deadline makes the probe in
+        // The periodic run must not start a guest, so a zero deadline makes the probe in
         // `fingerprint::fingerprint` fail at once, and the cached result replaces it.
+        // NOTE: `fingerprint::fingerprint` still logs that failed probe (kvm_usable=false) at
+        // info level on every run. The cached result is in the "KVM probe ended" line.
         let quick = Probes {
             kvm_deadline: Duration::ZERO,
             ..probes.clone()
