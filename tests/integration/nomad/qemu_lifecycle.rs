@@ -1,7 +1,8 @@
 //! A VM's life under this crate's driver in a real Nomad agent: boot, stats, a graceful stop,
 //! a stop forced at `kill_timeout`, and a task dir path too long for a unix socket.
 //!
-//! Each test prints its wall time and stop duration (run with `--nocapture` to see them).
+//! Each test prints its time after the agent started and its stop duration (run with
+//! `--nocapture` to see them).
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -62,10 +63,10 @@ async fn wait_task_stats(agent: &NomadAgent, alloc_id: &str, task: &str) -> Resu
 
 #[tokio::test(flavor = "multi_thread")]
 async fn qemu_job_runs_and_powers_off() {
-    let started = Instant::now();
     let images = ImageDir::new();
     let image = images.copy_guest("guest.qcow2", "poweroff.qcow2");
     let agent = NomadAgent::start(plugin_options(image_paths_config(images.path()))).await;
+    let started = Instant::now();
     let _slot = support::guest_slot().await;
 
     let job = VmJob::new("qemu-poweroff", TASK, &image);
@@ -93,7 +94,7 @@ async fn qemu_job_runs_and_powers_off() {
 
     let stop = stop_gracefully(&agent, &images, &vm, TASK, GRACEFUL_STOP_BOUND).await;
     println!(
-        "qemu_job_runs_and_powers_off: graceful stop {stop:?} (kill_timeout 30s), wall time {:?}",
+        "qemu_job_runs_and_powers_off: graceful stop {stop:?} (kill_timeout 30s), time after agent start {:?}",
         started.elapsed()
     );
     if let Err(problem) = stats {
@@ -105,10 +106,10 @@ async fn qemu_job_runs_and_powers_off() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn qemu_stop_forced_at_kill_timeout() {
-    let started = Instant::now();
     let images = ImageDir::new();
     let image = images.copy_guest("guest-ignore.qcow2", "ignore.qcow2");
     let agent = NomadAgent::start(plugin_options(image_paths_config(images.path()))).await;
+    let started = Instant::now();
     let _slot = support::guest_slot().await;
 
     let mut job = VmJob::new("qemu-ignore", TASK, &image);
@@ -119,7 +120,7 @@ async fn qemu_stop_forced_at_kill_timeout() {
     let events = agent.task_events(&vm.alloc_id, TASK).await;
     let text = events_text(&events);
     println!(
-        "qemu_stop_forced_at_kill_timeout: stop {stop:?} (kill_timeout 5s), wall time {:?}\n{text}",
+        "qemu_stop_forced_at_kill_timeout: stop {stop:?} (kill_timeout 5s), time after agent start {:?}\n{text}",
         started.elapsed()
     );
     assert!(
@@ -172,10 +173,10 @@ async fn qemu_stop_forced_at_kill_timeout() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn qemu_long_task_dir_path() {
-    let started = Instant::now();
     let images = ImageDir::new();
     let image = images.copy_guest("guest.qcow2", "long-name.qcow2");
     let agent = NomadAgent::start(plugin_options(image_paths_config(images.path()))).await;
+    let started = Instant::now();
     let _slot = support::guest_slot().await;
 
     let task = "vm-with-a-task-name-long-enough-to-push-its-dir-past-sun-path-limit";
@@ -204,7 +205,7 @@ async fn qemu_long_task_dir_path() {
     let stop = stop_gracefully(&agent, &images, &vm, task, GRACEFUL_STOP_BOUND).await;
     println!(
         "qemu_long_task_dir_path: task dir {length} bytes, boot {:?}, graceful stop {stop:?}, \
-         wall time {:?}",
+         time after agent start {:?}",
         vm.boot,
         started.elapsed()
     );

@@ -95,10 +95,10 @@ async fn assert_task_kept(agent: &NomadAgent, images: &ImageDir, vm: &RunningVm,
 
 #[tokio::test(flavor = "multi_thread")]
 async fn qemu_vm_survives_plugin_kill() {
-    let started = Instant::now();
     let images = ImageDir::new();
     let image = images.copy_guest("guest.qcow2", "plugin-kill.qcow2");
     let agent = NomadAgent::start(plugin_options(image_paths_config(images.path()))).await;
+    let started = Instant::now();
     let _slot = support::guest_slot().await;
 
     let vm = run_vm(
@@ -121,7 +121,7 @@ async fn qemu_vm_survives_plugin_kill() {
 
     let stop = stop_gracefully(&agent, &images, &vm, TASK, GRACEFUL_STOP_BOUND).await;
     println!(
-        "qemu_vm_survives_plugin_kill: graceful stop {stop:?}, wall time {:?}",
+        "qemu_vm_survives_plugin_kill: graceful stop {stop:?}, time after agent start {:?}",
         started.elapsed()
     );
 
@@ -130,10 +130,10 @@ async fn qemu_vm_survives_plugin_kill() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn qemu_vm_survives_agent_restart() {
-    let started = Instant::now();
     let images = ImageDir::new();
     let image = images.copy_guest("guest.qcow2", "agent-restart.qcow2");
     let mut agent = NomadAgent::start(plugin_options(image_paths_config(images.path()))).await;
+    let started = Instant::now();
     let _slot = support::guest_slot().await;
 
     let vm = run_vm(
@@ -156,7 +156,7 @@ async fn qemu_vm_survives_agent_restart() {
 
     let stop = stop_gracefully(&agent, &images, &vm, TASK, GRACEFUL_STOP_BOUND).await;
     println!(
-        "qemu_vm_survives_agent_restart: graceful stop {stop:?}, wall time {:?}",
+        "qemu_vm_survives_agent_restart: graceful stop {stop:?}, time after agent start {:?}",
         started.elapsed()
     );
 
