@@ -13,8 +13,8 @@ use nomad_driver_qemu::driver::nomad::proto::base::{
 use nomad_driver_qemu::driver::nomad::proto::drivers::{
     driver_client::DriverClient, AllocatedMemoryResources, AllocatedTaskResources,
     DestroyTaskRequest, DriverTaskEvent, RecoverTaskRequest, Resources, SignalTaskRequest,
-    StartTaskRequest, StopTaskRequest, TaskConfig, TaskEventsRequest, TaskHandle, WaitTaskRequest,
-    WaitTaskResponse,
+    StartTaskRequest, StopTaskRequest, TaskConfig, TaskEventsRequest, TaskHandle, TaskStatsRequest,
+    WaitTaskRequest, WaitTaskResponse,
 };
 use rmpv::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -298,6 +298,45 @@ async fn drain_events(events: &mut Streaming<DriverTaskEvent>, limit: Duration) 
     messages
 }
 
+/// Reads two TaskStats samples at a 1 s interval and checks that each is complete and that the
+/// second measured QEMU's memory and CPU.
+async fn check_stats(driver: &mut DriverClient<Channel>, task_id: &str, pid: u32) {
+    let mut stream = driver
+        .task_stats(TaskStatsRequest {
+            task_id: task_id.to_owned(),
+            collection_interval: Some(prost_types::Duration {
+                seconds: 1,
+                nanos: 0,
+            }),
+        })
+        .await
+        .expect("TaskStats opens")
+        .into_inner();
+    let mut last = None;
+    for _ in 0..2 {
+        let response = tokio::time::timeout(REPLY_LIMIT, stream.next())
+            .await
+            .expect("a sample within the limit")
+            .expect("the stream stays open")
+            .expect("a sample, not an error");
+        let stats = response.stats.expect("every response carries stats");
+        assert!(stats.timestamp.is_some(), "sample has a timestamp");
+        let usage = stats.agg_resource_usage.expect("sample has an aggregate");
+        assert!(
+            stats.resource_usage_by_pid.contains_key(&pid.to_string()),
+            "usage keyed by QEMU pid {pid}: {:?}",
+            stats.resource_usage_by_pid.keys()
+        );
+        last = Some(usage);
+    }
+    let usage = last.expect("two samples");
+    let memory = usage.memory.expect("memory usage");
+    assert!(memory.rss > 0, "QEMU RSS measured: {memory:?}");
+    let cpu = usage.cpu.expect("cpu usage");
+    assert!(cpu.percent > 0.0, "QEMU CPU measured: {cpu:?}");
+    assert!(cpu.total_ticks > 0.0, "QEMU CPU ticks measured: {cpu:?}");
+}
+
 #[tokio::test]
 async fn tasks_start_stop_graceful() {
     let _slot = support::guest_slot().await;
@@ -343,6 +382,7 @@ async fn tasks_start_stop_graceful() {
         !pending.is_finished(),
         "WaitTask is pending while the VM runs"
     );
+    check_stats(&mut driver, &task.id, pid).await;
 
     stop(&mut driver, &task.id).await;
     let exit = tokio::time::timeout(REPLY_LIMIT, pending)

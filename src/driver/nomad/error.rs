@@ -43,13 +43,6 @@ pub enum DriverError {
         task_id: String,
     },
 
-    /// The RPC needs the VM layer, which the adapter does not call yet.
-    #[error("{rpc} is not implemented yet: this build of the qemu driver cannot run VMs")]
-    VmLayerMissing {
-        /// The gRPC method name.
-        rpc: &'static str,
-    },
-
     /// `ExecTask` and `ExecTaskStreaming` have no VM equivalent in this driver.
     #[error(
         "exec is not supported by the qemu driver: the guest is a separate machine; \
@@ -179,9 +172,7 @@ impl DriverError {
                 Code::Internal
             }
             Self::TaskNotFound { .. } => Code::NotFound,
-            Self::VmLayerMissing { .. } | Self::ExecUnsupported | Self::NetworkUnsupported => {
-                Code::Unimplemented
-            }
+            Self::ExecUnsupported | Self::NetworkUnsupported => Code::Unimplemented,
             // Go plugins use FailedPrecondition for start failures; Nomad only reads the detail.
             Self::StartFailed { .. } => Code::FailedPrecondition,
         }
@@ -219,7 +210,6 @@ pub fn to_status(error: &DriverError) -> Status {
     };
     Status::with_details(code, message, details.encode_to_vec().into())
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -283,10 +273,6 @@ mod tests {
             ),
             (DriverError::ExecUnsupported, Code::Unimplemented),
             (DriverError::NetworkUnsupported, Code::Unimplemented),
-            (
-                DriverError::VmLayerMissing { rpc: "StartTask" },
-                Code::Unimplemented,
-            ),
         ];
         for (error, code) in cases {
             let status = to_status(&error);

@@ -40,10 +40,4 @@ impl DriverService {
         .instrument(span)
         .await
     }
-
-    /// Checks that the task exists before stats are streamed.
-    pub(super) fn check_stats_task(&self, task_id: &str) -> Result<(), DriverError> {
-        self.task(task_id)?;
-        Err(DriverError::VmLayerMissing { rpc: "TaskStats" })
-    }
 }

@@ -39,7 +39,7 @@ use super::proto::drivers::{
     InspectTaskResponse, RecoverTaskRequest, RecoverTaskResponse, ShutdownRequest,
     ShutdownResponse, SignalTaskRequest, SignalTaskResponse, StartTaskRequest, StartTaskResponse,
     StopTaskRequest, StopTaskResponse, TaskConfigSchemaRequest, TaskConfigSchemaResponse,
-    TaskEventsRequest, TaskStatsRequest, TaskStatsResponse, WaitTaskRequest, WaitTaskResponse,
+    TaskEventsRequest, TaskStatsRequest, WaitTaskRequest, WaitTaskResponse,
 };
 use super::schema;
 use crate::fingerprint::Probes;
@@ -132,7 +132,7 @@ fn reject(rpc: &'static str, error: DriverError) -> Status {
 #[tonic::async_trait]
 impl Driver for DriverService {
     type FingerprintStream = fingerprint::FingerprintStream;
-    type TaskStatsStream = ResponseStream<TaskStatsResponse>;
+    type TaskStatsStream = stats::TaskStatsStream;
     type TaskEventsStream = events::TaskEventStream;
     type ExecTaskStreamingStream = ResponseStream<ExecTaskStreamingResponse>;
 
@@ -241,9 +241,19 @@ impl Driver for DriverService {
         request: Request<TaskStatsRequest>,
     ) -> Result<Response<Self::TaskStatsStream>, Status> {
         let request = request.into_inner();
-        self.check_stats_task(&request.task_id)
-            .map_err(|error| reject("TaskStats", error))?;
-        Ok(Response::new(Box::pin(futures::stream::empty())))
+        let task = self.tasks.get(&request.task_id);
+        let vm = task.as_ref().and_then(|task| task.vm());
+        let cgroups = task.as_ref().map(|task| task.state().cgroups.clone());
+        let compute = stats::CoreCompute::from_config(self.state.settings().nomad.as_ref());
+        let interval = stats::interval_from(request.collection_interval.as_ref());
+        Ok(Response::new(stats::open(
+            request.task_id,
+            vm,
+            cgroups,
+            interval,
+            compute,
+            self.shutdown.clone(),
+        )))
     }
 
     async fn task_events(
