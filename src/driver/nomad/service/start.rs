@@ -17,7 +17,7 @@ use crate::driver::nomad::handle::DriverState;
 use crate::driver::nomad::proto::drivers::{StartTaskRequest, StartTaskResponse, TaskConfig};
 use crate::driver::vm::argv::Piece;
 use crate::driver::vm::{UserIds, Vm, VmError, VmSpec, QMP_SOCKET_NAME};
-use crate::fingerprint::{find_emulator_binary, split_search_path};
+use crate::fingerprint::{find_emulator_binary, split_search_path, KvmStatus};
 
 use super::events::EventTarget;
 use super::task::Task;
@@ -52,6 +52,12 @@ enum StartError {
         accelerator: String,
         device: &'static str,
     },
+
+    #[error(
+        "accelerator {accelerator:?} needs KVM, but KVM cannot run guests on this host \
+         ({reason}): use accelerator = \"tcg\""
+    )]
+    KvmUnusable { accelerator: String, reason: String },
 
     #[error("user {user:?} does not exist on this host: create it or change the task's user")]
     UnknownUser { user: String },
@@ -183,7 +189,7 @@ impl DriverService {
             source: Box::new(error),
         };
         let settings = self.state.settings();
-        let prepared = prepare(&config, &settings.plugin).map_err(failed)?;
+        let prepared = prepare(&config, &settings.plugin, self.kvm.current()).map_err(failed)?;
 
         let target = EventTarget::of(&config);
         self.events
@@ -258,8 +264,39 @@ fn response(task: &Task) -> StartTaskResponse {
     }
 }
 
-/// Decodes and validates the task's driver config and builds the VM spec.
-fn prepare(config: &TaskConfig, plugin: &PluginConfig) -> Result<PreparedTask, StartError> {
+/// Rejects `accelerator = "kvm"` when `/dev/kvm` is missing or the fingerprint's probe saw
+/// that KVM cannot run a guest. A start while the probe still runs goes ahead.
+fn check_kvm(
+    accelerator: String,
+    device_present: bool,
+    kvm: Option<KvmStatus>,
+) -> Result<(), StartError> {
+    if !device_present {
+        return Err(StartError::KvmMissing {
+            accelerator,
+            device: KVM_DEVICE,
+        });
+    }
+    match kvm {
+        Some(status) if !status.usable => Err(StartError::KvmUnusable {
+            accelerator,
+            reason: status.reason,
+        }),
+        Some(_) => Ok(()),
+        None => {
+            tracing::warn!(%accelerator, "KVM probe has not finished; starting without its result");
+            Ok(())
+        }
+    }
+}
+
+/// Decodes and validates the task's driver config and builds the VM spec. `kvm` is the
+/// fingerprint's KVM probe result, `None` while the probe runs.
+fn prepare(
+    config: &TaskConfig,
+    plugin: &PluginConfig,
+    kvm: Option<KvmStatus>,
+) -> Result<PreparedTask, StartError> {
     let decoded = DriverConfig::decode(&config.msgpack_driver_config)?;
     let alloc_dir = PathBuf::from(&config.alloc_dir);
     let task_dir = alloc_dir.join(&config.name);
@@ -274,14 +311,7 @@ fn prepare(config: &TaskConfig, plugin: &PluginConfig) -> Result<PreparedTask, S
 
     let accelerator = task.config.accelerator.clone();
     if uses_kvm(&accelerator) && !accelerator.contains(':') {
-        // TODO: read the KVM usability the fingerprint probes, which also catches a
-        // /dev/kvm that exists but cannot run a guest.
-        if !Path::new(KVM_DEVICE).exists() {
-            return Err(StartError::KvmMissing {
-                accelerator,
-                device: KVM_DEVICE,
-            });
-        }
+        check_kvm(accelerator, Path::new(KVM_DEVICE).exists(), kvm)?;
     }
 
     let search_path = split_search_path(&std::env::var_os("PATH").unwrap_or_default());
@@ -569,5 +599,33 @@ mod tests {
         assert!(timed_out.recoverable());
         assert!(!StartError::Config(ConfigError::MissingImagePath).recoverable());
         assert!(!StartError::UnknownUser { user: "x".into() }.recoverable());
+    }
+
+    #[test]
+    fn kvm_check_cases() {
+        let unusable = KvmStatus {
+            usable: false,
+            reason: "probe guest did not finish within 2s".into(),
+        };
+        let error = check_kvm("kvm".into(), true, Some(unusable.clone())).unwrap_err();
+        assert!(matches!(error, StartError::KvmUnusable { .. }), "{error}");
+        assert!(
+            error.to_string().contains("did not finish within 2s"),
+            "{error}"
+        );
+        assert!(
+            error.to_string().contains("accelerator = \"tcg\""),
+            "{error}"
+        );
+
+        let error = check_kvm("kvm".into(), false, Some(unusable)).unwrap_err();
+        assert!(matches!(error, StartError::KvmMissing { .. }), "{error}");
+
+        let usable = KvmStatus {
+            usable: true,
+            reason: "probe finished in 40ms".into(),
+        };
+        check_kvm("kvm".into(), true, Some(usable)).expect("usable KVM");
+        check_kvm("kvm".into(), true, None).expect("probe still running");
     }
 }
