@@ -130,7 +130,7 @@ async fn qemu_bad_jobs_rejected() {
     );
     let agent = NomadAgent::start(plugin_options(plugin_config)).await;
     let started = Instant::now();
-    // A broken check would boot the guest, so this test holds a guest slot too.
+    // A broken check would boot the guest, so this test takes a guest slot too.
     let _slot = support::guest_slot().await;
 
     let mut failures = Vec::new();

@@ -175,7 +175,7 @@ impl Drop for ImageDir {
     }
 }
 
-/// Agent options with this crate's plugin configured by `plugin_config` (the body of its
+/// Returns agent options with this crate's plugin configured by `plugin_config` (the body of its
 /// `config { }` block) and healthy before the agent counts as started.
 pub fn plugin_options(plugin_config: String) -> AgentOptions {
     AgentOptions {
@@ -185,7 +185,7 @@ pub fn plugin_options(plugin_config: String) -> AgentOptions {
     }
 }
 
-/// The plugin config body that allows images from `images`.
+/// Returns the plugin config body that allows images from `images`.
 pub fn image_paths_config(images: &Path) -> String {
     format!("    image_paths = [{}]", quoted(&images.to_string_lossy()))
 }

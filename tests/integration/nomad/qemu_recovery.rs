@@ -15,7 +15,7 @@ use crate::support;
 
 const TASK: &str = "vm";
 
-/// Bound on a graceful stop after the recovery; see `GRACEFUL_STOP_BOUND` in the lifecycle
+/// Bound on a graceful stop after the recovery, as `GRACEFUL_STOP_BOUND` in the lifecycle
 /// tests.
 const GRACEFUL_STOP_BOUND: Duration = Duration::from_secs(10);
 
@@ -45,14 +45,14 @@ async fn wait_single_plugin(agent: &NomadAgent, except: Option<i32>) -> i32 {
 
 /// Checks that the task runs on the same allocation and QEMU process as before and was not
 /// restarted.
-async fn assert_task_kept(agent: &NomadAgent, images: &ImageDir, vm: &RunningVm, what: &str) {
+async fn assert_task_kept(agent: &NomadAgent, images: &ImageDir, vm: &RunningVm, cause: &str) {
     let alloc = agent
         .wait_task_state(&vm.job_id, TASK, "running", RECOVER_TIMEOUT)
         .await;
     assert_eq!(
         alloc["ID"].as_str(),
         Some(vm.alloc_id.as_str()),
-        "a new allocation replaced the VM's after {what}"
+        "a new allocation replaced the VM's after {cause}"
     );
 
     // The task runner calls RecoverTask on the new plugin instance; give it time to fail.
@@ -64,32 +64,32 @@ async fn assert_task_kept(agent: &NomadAgent, images: &ImageDir, vm: &RunningVm,
         .any(|(kind, _)| matches!(kind.as_str(), "Restarting" | "Terminated" | "Killed"));
     assert!(
         !restarted,
-        "the task ended or restarted after {what} instead of being recovered; events:\n{text}\n\
+        "the task ended or restarted after {cause} instead of being recovered; events:\n{text}\n\
          plugin log:\n{}",
         plugin_log_lines(agent, 60)
     );
     let starts = events.iter().filter(|(kind, _)| kind == "Started").count();
     assert_eq!(
         starts, 1,
-        "the task was started again after {what} instead of being recovered; events:\n{text}"
+        "the task was started again after {cause} instead of being recovered; events:\n{text}"
     );
     let alloc = agent.alloc_status(&vm.alloc_id).await;
     assert_eq!(
         alloc["TaskStates"][TASK]["State"].as_str(),
         Some("running"),
-        "the task is not running after {what}; events:\n{text}"
+        "the task is not running after {cause}; events:\n{text}"
     );
 
     assert!(
         is_running(vm.qemu_pid),
-        "QEMU pid {} died after {what}; plugin log:\n{}",
+        "QEMU pid {} died after {cause}; plugin log:\n{}",
         vm.qemu_pid,
         plugin_log_lines(agent, 60)
     );
     assert_eq!(
         images.qemu_pids(),
         vec![vm.qemu_pid],
-        "the QEMU processes changed after {what}"
+        "the QEMU processes changed after {cause}"
     );
 }
 
