@@ -229,17 +229,28 @@ pub struct RunningVm {
 pub async fn run_vm(agent: &NomadAgent, images: &ImageDir, job: &VmJob) -> RunningVm {
     let started = Instant::now();
     let job_id = agent.run_job(&job.hcl()).await;
+    wait_vm_ready(agent, images, job_id, &job.task, started).await
+}
+
+/// Waits until task `task` of the submitted job `job_id` runs and its guest is ready, and
+/// checks that exactly one QEMU boots from `images`. `submitted` is when the job was submitted.
+pub async fn wait_vm_ready(
+    agent: &NomadAgent,
+    images: &ImageDir,
+    job_id: String,
+    task: &str,
+    submitted: Instant,
+) -> RunningVm {
     let alloc = agent
         .wait_alloc(&job_id, "the task to run", START_TIMEOUT, |alloc| {
-            alloc["TaskStates"][&job.task]["State"] == "running" || is_alloc_stopped(alloc)
+            alloc["TaskStates"][task]["State"] == "running" || is_alloc_stopped(alloc)
         })
         .await;
     assert_eq!(
-        alloc["TaskStates"][&job.task]["State"],
+        alloc["TaskStates"][task]["State"],
         "running",
-        "task {} did not start; events:\n{}\nplugin log:\n{}",
-        job.task,
-        events_text(&task_events_of(&alloc, &job.task)),
+        "task {task} did not start; events:\n{}\nplugin log:\n{}",
+        events_text(&task_events_of(&alloc, task)),
         plugin_log_lines(agent, 40)
     );
     let alloc_id = alloc["ID"]
@@ -247,9 +258,9 @@ pub async fn run_vm(agent: &NomadAgent, images: &ImageDir, job: &VmJob) -> Runni
         .expect("allocation has an ID")
         .to_owned();
     agent
-        .wait_log_contains(&alloc_id, &job.task, support::READY_MARKER, BOOT_TIMEOUT)
+        .wait_log_contains(&alloc_id, task, support::READY_MARKER, BOOT_TIMEOUT)
         .await;
-    let boot = started.elapsed();
+    let boot = submitted.elapsed();
 
     let pids = images.qemu_pids();
     assert_eq!(

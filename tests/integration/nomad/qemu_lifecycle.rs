@@ -4,6 +4,7 @@
 //! Each test prints its time after the agent started and its stop duration (run with
 //! `--nocapture` to see them).
 
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -12,18 +13,21 @@ use serde_json::Value;
 use super::agent::NomadAgent;
 use super::qemu_common::{
     events_text, image_paths_config, is_running, plugin_log_lines, plugin_options, run_vm,
-    stop_gracefully, wait_no_qemu, ImageDir, VmJob,
+    stop_gracefully, wait_no_qemu, wait_vm_ready, ImageDir, VmJob,
 };
 use crate::support;
 
 const TASK: &str = "vm";
 
+/// Job id of `examples/vm.nomad.hcl`, whose task is also named [`TASK`].
+const EXAMPLE_JOB: &str = "vm";
+
 /// Maximum wait for the first stats sample with both memory and CPU use.
 const STATS_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Bound on a stop of a guest that powers off on the power button. Such a stop took 0.3 s to
-/// 1.5 s under TCG in these tests, far less than the 30 s kill_timeout, so a stop that waits
-/// for the timeout fails.
+/// 1.5 s under TCG in these tests, far less than their kill_timeout of 20 s or 30 s, so a stop
+/// that waits for the timeout fails.
 const GRACEFUL_STOP_BOUND: Duration = Duration::from_secs(10);
 
 /// Byte length of `sun_path` in `struct sockaddr_un` on Linux.
@@ -70,8 +74,20 @@ async fn qemu_job_runs_and_powers_off() {
     let started = Instant::now();
     let _slot = support::guest_slot().await;
 
-    let job = VmJob::new("qemu-poweroff", TASK, &image);
-    let vm = run_vm(&agent, &images, &job).await;
+    // The job is the shipped example, so this test also checks that the example runs.
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/vm.nomad.hcl");
+    let submitted = Instant::now();
+    agent
+        .cli_ok(&[
+            "job",
+            "run",
+            "-detach",
+            "-var",
+            &format!("image_path={}", image.display()),
+            &example.to_string_lossy(),
+        ])
+        .await;
+    let vm = wait_vm_ready(&agent, &images, EXAMPLE_JOB.to_owned(), TASK, submitted).await;
     println!(
         "qemu_job_runs_and_powers_off: job run to ready line {:?}",
         vm.boot
@@ -95,7 +111,7 @@ async fn qemu_job_runs_and_powers_off() {
 
     let stop = stop_gracefully(&agent, &images, &vm, TASK, GRACEFUL_STOP_BOUND).await;
     println!(
-        "qemu_job_runs_and_powers_off: graceful stop {stop:?} (kill_timeout 30s), time after agent start {:?}",
+        "qemu_job_runs_and_powers_off: graceful stop {stop:?} (kill_timeout 20s), time after agent start {:?}",
         started.elapsed()
     );
     if let Err(problem) = stats {
