@@ -12,7 +12,9 @@ use crate::qmp::{self, Negotiating};
 /// Options of `qmp`.
 #[derive(Debug, clap::Args)]
 pub struct QmpArgs {
-    /// Path of the VM's QMP socket, such as `<run dir>/qmp.sock`. Any length works.
+    /// Path of the VM's QMP socket. For a VM that the driver or `run` controls, use the
+    /// operators' socket `<run dir>/qmp-operator.sock`: the driver holds `qmp.sock`. Any length
+    /// works.
     #[arg(long)]
     pub socket: PathBuf,
 
@@ -66,8 +68,10 @@ async fn send(args: &QmpArgs, arguments: Option<Value>) -> anyhow::Result<Value>
         Ok(client) => client,
         Err(qmp::Error::NegotiationTimedOut { after }) => bail!(
             "no QMP greeting from {} within {after:?}: QEMU serves one QMP client at a time, so \
-             the driver (or another client) probably holds this VM's socket",
-            args.socket.display()
+             the driver (or another client) probably holds this socket; use {} in the same \
+             directory, which the driver leaves free for operators",
+            args.socket.display(),
+            crate::driver::vm::OPERATOR_SOCKET_NAME
         ),
         Err(error) => {
             return Err(error)

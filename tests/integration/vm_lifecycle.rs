@@ -331,6 +331,23 @@ async fn run_subcommand_end_to_end() {
         "{qmp_error}"
     );
 
+    // The operators' socket is free, so the same command gets its reply there.
+    let qmp = tokio::process::Command::new(binary)
+        .arg("qmp")
+        .arg("--socket")
+        .arg(dir.path().join("qmp-operator.sock"))
+        .args(["--timeout", "5", "query-status"])
+        .output()
+        .await
+        .expect("run qmp");
+    let reply = String::from_utf8_lossy(&qmp.stdout);
+    assert!(
+        qmp.status.success(),
+        "qmp failed: {}",
+        String::from_utf8_lossy(&qmp.stderr)
+    );
+    assert!(reply.contains("\"running\""), "{reply}");
+
     let pid = run.id().expect("run pid");
     send_signal(pid, Signal::TERM);
     let rest = async {

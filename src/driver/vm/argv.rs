@@ -14,9 +14,6 @@ use std::os::fd::RawFd;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::PathBuf;
 
-/// Chardev id of the QMP monitor, also used by `-mon`.
-pub const QMP_CHARDEV_ID: &str = "qmp0";
-
 /// Chardev id of the guest agent socket, the same as Nomad's built-in qemu driver uses.
 pub const GUEST_AGENT_CHARDEV_ID: &str = "qga0";
 
@@ -354,6 +351,8 @@ impl From<GuestAgent> for Piece {
 /// `listen()` itself if the parent did not, and does not unlink the socket file on exit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QmpMonitor {
+    /// Chardev id, unique among the VM's monitors.
+    pub id: &'static str,
     /// The inherited socket's fd number in the QEMU process.
     pub fd: RawFd,
 }
@@ -363,16 +362,9 @@ impl QmpMonitor {
         push_pair(
             args,
             "-chardev",
-            format!(
-                "socket,id={QMP_CHARDEV_ID},fd={},server=on,wait=off",
-                self.fd
-            ),
+            format!("socket,id={},fd={},server=on,wait=off", self.id, self.fd),
         );
-        push_pair(
-            args,
-            "-mon",
-            format!("chardev={QMP_CHARDEV_ID},mode=control"),
-        );
+        push_pair(args, "-mon", format!("chardev={},mode=control", self.id));
     }
 }
 
@@ -610,7 +602,7 @@ mod tests {
     #[test]
     fn qmp_monitor_inherited_fd() {
         assert_eq!(
-            rendered(QmpMonitor { fd: 3 }),
+            rendered(QmpMonitor { id: "qmp0", fd: 3 }),
             [
                 "-chardev",
                 "socket,id=qmp0,fd=3,server=on,wait=off",

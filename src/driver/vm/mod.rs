@@ -40,7 +40,7 @@ pub use error::VmError;
 pub use event::VmEvent;
 pub use exit::{ExitReason, ForceStep, ProcessStatus, VmExit};
 pub use saved::{SavedVm, DEFAULT_REATTACH_TIMEOUT};
-pub use spawn::{VmSpec, DEFAULT_START_TIMEOUT, QMP_SOCKET_NAME};
+pub use spawn::{VmSpec, DEFAULT_START_TIMEOUT, OPERATOR_SOCKET_NAME, QMP_SOCKET_NAME};
 pub use state::VmState;
 pub use stats::{BlockDeviceStats, GuestStats, HostStats, VcpuStats, VmStats};
 pub use stop::STOP_MARGIN;
@@ -150,8 +150,8 @@ impl Vm {
             }
             process.status_within(stop::KILL_EXIT_WAIT).await;
         }
-        if let Err(error) = spawned.dir.remove(QMP_SOCKET_NAME) {
-            tracing::warn!(parent: &span, %error, "failed to remove QMP socket after a failed start");
+        if let Err(error) = spawn::remove_sockets(&spawned.dir) {
+            tracing::warn!(parent: &span, %error, "failed to remove QMP sockets after a failed start");
         }
         let stderr_tail = spawned.stderr.tail();
         let error = match (own_exit, qmp_error) {

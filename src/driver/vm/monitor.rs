@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::exit::{ProcessStatus, ShutdownKind, VmExit};
-use super::spawn::QMP_SOCKET_NAME;
+use super::spawn::remove_sockets;
 use super::state::VmState;
 use super::sys;
 use super::{Shared, VmEvent};
@@ -190,8 +190,8 @@ async fn run(shared: &Shared, mut events: qmp::Events, exit_tx: &watch::Sender<O
     let status = shared.process.status().await;
     let reason = shared.lock_evidence().reason(status);
     let exit = VmExit { reason, status };
-    if let Err(error) = shared.dir.remove(QMP_SOCKET_NAME) {
-        tracing::warn!(%error, "failed to remove the QMP socket of an ended VM");
+    if let Err(error) = remove_sockets(&shared.dir) {
+        tracing::warn!(%error, "failed to remove the QMP sockets of an ended VM");
     }
     tracing::info!(pid = shared.pid, reason = %exit.reason, status = %exit.status, "VM exited");
     let _ = shared.set_state(VmState::Exited);

@@ -12,10 +12,24 @@ use rustix::fs::OFlags;
 
 use super::argv::{Piece, QemuCommandLine, QmpMonitor};
 use super::error::VmError;
-use super::sys::{self, ChildSetup, RunDir, UserIds, QMP_CHILD_FD};
+use super::sys::{self, ChildSetup, RunDir, UserIds, QMP_CHILD_FDS};
 
-/// File name of the QMP socket inside the VM's run directory.
+/// File name of the QMP socket inside the VM's run directory. The VM layer holds its only
+/// connection.
 pub const QMP_SOCKET_NAME: &str = "qmp.sock";
+
+/// File name of the second QMP socket, left free for operators (`nomad-driver-qemu qmp`),
+/// because a QMP monitor serves one client at a time.
+pub const OPERATOR_SOCKET_NAME: &str = "qmp-operator.sock";
+
+/// Chardev ids of the two monitors, in the order of [`QMP_CHILD_FDS`].
+const MONITOR_IDS: [&str; 2] = ["qmp0", "qmp1"];
+
+/// Removes both QMP socket files from `dir`. QEMU never unlinks an inherited socket.
+pub(crate) fn remove_sockets(dir: &RunDir) -> std::io::Result<()> {
+    dir.remove(QMP_SOCKET_NAME)?;
+    dir.remove(OPERATOR_SOCKET_NAME)
+}
 
 /// Default deadline for QEMU to send its QMP greeting and complete negotiation.
 pub const DEFAULT_START_TIMEOUT: Duration = Duration::from_secs(10);
@@ -140,14 +154,17 @@ pub(crate) fn spawn(spec: &VmSpec) -> Result<Spawned, VmError> {
         path: spec.dir.clone(),
         source,
     })?;
-    let listener = dir
-        .bind_listener(QMP_SOCKET_NAME)
-        .map_err(|source| VmError::BindSocket {
-            path: spec.dir.join(QMP_SOCKET_NAME),
-            source,
-        })?;
-
-    let result = spawn_with_listener(spec, listener.into());
+    let bind = |name: &str| {
+        dir.bind_listener(name)
+            .map(OwnedFd::from)
+            .map_err(|source| VmError::BindSocket {
+                path: spec.dir.join(name),
+                source,
+            })
+    };
+    let result = bind(QMP_SOCKET_NAME)
+        .and_then(|driver| Ok([driver, bind(OPERATOR_SOCKET_NAME)?]))
+        .and_then(|listeners| spawn_with_listeners(spec, listeners));
     match result {
         Ok((pid, pidfd, start_time, stderr)) => Ok(Spawned {
             pid,
@@ -157,7 +174,7 @@ pub(crate) fn spawn(spec: &VmSpec) -> Result<Spawned, VmError> {
             stderr,
         }),
         Err(error) => {
-            if let Err(remove_error) = dir.remove(QMP_SOCKET_NAME) {
+            if let Err(remove_error) = remove_sockets(&dir) {
                 tracing::warn!(vm = %spec.name, error = %remove_error, "failed to remove QMP socket after a failed spawn");
             }
             Err(error)
@@ -165,9 +182,9 @@ pub(crate) fn spawn(spec: &VmSpec) -> Result<Spawned, VmError> {
     }
 }
 
-fn spawn_with_listener(
+fn spawn_with_listeners(
     spec: &VmSpec,
-    listener: OwnedFd,
+    listeners: [OwnedFd; 2],
 ) -> Result<(u32, OwnedFd, u64, StderrSource), VmError> {
     let stdout = open_output(&spec.stdout, "stdout file")?;
     let stderr = open_output(&spec.stderr, "stderr file")?;
@@ -201,18 +218,21 @@ fn spawn_with_listener(
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
+    let qmp_listeners = ChildSetup::listeners(listeners).map_err(|source| VmError::BindSocket {
+        path: spec.dir.join(QMP_SOCKET_NAME),
+        source,
+    })?;
     let setup = ChildSetup {
-        qmp_listener: listener,
+        qmp_listeners,
         netns,
         cgroup_procs,
         user: spec.user,
     };
 
-    let command_line = spec
-        .command
-        .clone()
-        .with(Piece::Name(spec.name.clone()))
-        .with(QmpMonitor { fd: QMP_CHILD_FD });
+    let mut command_line = spec.command.clone().with(Piece::Name(spec.name.clone()));
+    for (id, fd) in MONITOR_IDS.into_iter().zip(QMP_CHILD_FDS) {
+        command_line.push(QmpMonitor { id, fd });
+    }
     let mut command = Command::new(&command_line.emulator);
     command
         .args(command_line.args())
@@ -225,8 +245,8 @@ fn spawn_with_listener(
         emulator: command_line.emulator.clone(),
         source,
     })?;
-    // Close this process's copy of the listening socket now: while it is open, a client can
-    // still connect after QEMU died, and a dead VM looks alive.
+    // Close this process's copies of the listening sockets now: while they are open, a client
+    // can still connect after QEMU died, and a dead VM looks alive.
     drop(setup);
     let pid = child.id();
     // Dropping a std Child neither kills nor waits; the exit watcher reaps QEMU through its pidfd.

@@ -16,8 +16,13 @@ use std::process::Command;
 use rustix::fs::{Mode, OFlags};
 use rustix::process::{Pid, PidfdFlags, WaitId, WaitIdOptions};
 
-/// The fd number at which QEMU inherits the QMP listening socket.
-pub const QMP_CHILD_FD: RawFd = 3;
+/// The fd numbers at which QEMU inherits the QMP listening sockets: the driver's own monitor
+/// first, then the operators' monitor.
+pub const QMP_CHILD_FDS: [RawFd; 2] = [3, 4];
+
+/// Lowest fd number for the parent's copies of the listeners, above [`QMP_CHILD_FDS`], so that
+/// moving one listener to its child fd never overwrites the other.
+const LISTENER_MIN_FD: RawFd = 5;
 
 /// A run directory held open as an `O_PATH` fd, so that files inside it can be reached through
 /// the short alias `/proc/self/fd/<fd>/<name>` whatever the length of the real path.
@@ -83,13 +88,14 @@ pub struct UserIds {
 }
 
 /// What the forked child does before it executes QEMU, in this order: join the network
-/// namespace, join the cgroups, start a new session, move the QMP socket to [`QMP_CHILD_FD`]
+/// namespace, join the cgroups, start a new session, move the QMP sockets to [`QMP_CHILD_FDS`]
 /// without close-on-exec, and switch user last (joining a namespace needs the privileges the
 /// switch drops).
 #[derive(Debug)]
 pub struct ChildSetup {
-    /// Listening QMP socket that QEMU inherits.
-    pub qmp_listener: OwnedFd,
+    /// Listening QMP sockets that QEMU inherits, in the order of [`QMP_CHILD_FDS`]. Build them
+    /// with [`ChildSetup::listeners`].
+    pub qmp_listeners: [OwnedFd; 2],
     /// Network namespace to join, opened read-only.
     pub netns: Option<File>,
     /// `cgroup.procs` of each cgroup directory to join (v1 or v2), opened write-only.
@@ -99,6 +105,16 @@ pub struct ChildSetup {
 }
 
 impl ChildSetup {
+    /// Moves `listeners` to fd numbers of at least [`LISTENER_MIN_FD`], still close-on-exec,
+    /// for [`ChildSetup::qmp_listeners`].
+    pub fn listeners(listeners: [OwnedFd; 2]) -> io::Result<[OwnedFd; 2]> {
+        let [driver, operator] = listeners;
+        Ok([
+            rustix::io::fcntl_dupfd_cloexec(&driver, LISTENER_MIN_FD)?,
+            rustix::io::fcntl_dupfd_cloexec(&operator, LISTENER_MIN_FD)?,
+        ])
+    }
+
     /// Opens the network namespace file at `path` for [`ChildSetup::netns`].
     pub fn open_netns(path: &Path) -> io::Result<File> {
         File::open(path)
@@ -116,7 +132,7 @@ impl ChildSetup {
     /// `self` must stay alive until `command.spawn()` returns, because the hook uses its fds by
     /// number in the child.
     pub fn install(&self, command: &mut Command) {
-        let qmp_fd = self.qmp_listener.as_raw_fd();
+        let qmp_fds = self.qmp_listeners.each_ref().map(AsRawFd::as_raw_fd);
         let netns_fd = self.netns.as_ref().map(|file| file.as_raw_fd());
         // Collected here, before the fork: the hook itself must not allocate.
         let cgroup_fds: Vec<RawFd> = self.cgroup_procs.iter().map(AsRawFd::as_raw_fd).collect();
@@ -140,14 +156,12 @@ impl ChildSetup {
             }
             // SAFETY: setsid takes no arguments and only changes this child's session.
             check(unsafe { libc::setsid() })?;
-            if qmp_fd == QMP_CHILD_FD {
-                // SAFETY: `qmp_fd` is open, and F_SETFD with 0 only clears close-on-exec.
-                check(unsafe { libc::fcntl(qmp_fd, libc::F_SETFD, 0) })?;
-            } else {
-                // SAFETY: `qmp_fd` is open. dup2 replaces whatever fd 3 was in this child (the
-                // namespace and cgroup fds are no longer needed), and the copy it makes has
-                // close-on-exec cleared.
-                check(unsafe { libc::dup2(qmp_fd, QMP_CHILD_FD) })?;
+            for (&source, &target) in qmp_fds.iter().zip(QMP_CHILD_FDS.iter()) {
+                // SAFETY: `source` is an open listener at or above LISTENER_MIN_FD, so it is
+                // never one of the targets. dup2 replaces whatever the target fd was in this
+                // child (the namespace and cgroup fds are no longer needed), and the copy it
+                // makes has close-on-exec cleared.
+                check(unsafe { libc::dup2(source, target) })?;
             }
             if let Some(user) = user {
                 // SAFETY: a zero-length group list with a null pointer is valid for setgroups,

@@ -9,7 +9,7 @@ use crate::driver::nomad::error::DriverError;
 use crate::driver::nomad::proto::drivers::{
     DestroyTaskRequest, StopTaskRequest, WaitTaskRequest, WaitTaskResponse,
 };
-use crate::driver::vm::sys;
+use crate::driver::vm::{sys, OPERATOR_SOCKET_NAME};
 
 use super::DriverService;
 
@@ -108,12 +108,15 @@ impl DriverService {
                     })?;
             }
 
-            let socket = &task.state().qmp_socket;
-            match std::fs::remove_file(socket) {
-                Ok(()) => {}
-                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
-                Err(error) => {
-                    tracing::warn!(socket = %socket.display(), %error, "failed to remove the QMP socket");
+            let driver_socket = task.state().qmp_socket.clone();
+            let operator_socket = driver_socket.with_file_name(OPERATOR_SOCKET_NAME);
+            for socket in [driver_socket, operator_socket] {
+                match std::fs::remove_file(&socket) {
+                    Ok(()) => {}
+                    Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(error) => {
+                        tracing::warn!(socket = %socket.display(), %error, "failed to remove a QMP socket");
+                    }
                 }
             }
             cgroup::cleanup(&task.state().cgroups).await;
