@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand};
 #[command(name = "nomad-driver-qemu", version, about)]
 pub struct Cli {
     /// Driver name reported to Nomad (default: derived from the binary's file name).
-    #[arg(long, env = "NOMAD_DRIVER_QEMU_NAME", global = true)]
+    #[arg(long, env = "NOMAD_DRIVER_QEMU_NAME")]
     pub plugin_name: Option<String>,
 
     #[command(subcommand)]

@@ -9,10 +9,14 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::signal::unix::{signal, Signal, SignalKind};
+use tokio_util::sync::CancellationToken;
 
 use crate::driver::vm::argv::{DirectKernel, Drive, Machine, Memory, Piece, QemuCommandLine};
 use crate::driver::vm::{sys, Vm, VmEvent, VmSpec, VmStats, DEFAULT_START_TIMEOUT};
+
+/// Maximum wait for the last console lines after the VM exited.
+const CONSOLE_DRAIN_WAIT: Duration = Duration::from_secs(1);
 
 /// Interval at which `run` reads new console output.
 const CONSOLE_POLL: Duration = Duration::from_millis(100);
@@ -118,16 +122,51 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let console = spec.stdout.clone();
     // Print only what this run adds to a console log that may hold earlier runs.
     let console_offset = std::fs::metadata(&console).map_or(0, |meta| meta.len());
-    let timeout = Duration::from_secs(args.shutdown_timeout);
     println!("run dir: {}", spec.dir.display());
 
-    let mut sigterm = signal(SignalKind::terminate()).context("failed to handle SIGTERM")?;
-    let mut sigint = signal(SignalKind::interrupt()).context("failed to handle SIGINT")?;
-
+    // Installed before the start, so that a signal during boot stops the VM gracefully rather
+    // than ending this process and leaving QEMU running.
+    let mut signals = StopSignals {
+        terminate: signal(SignalKind::terminate()).context("failed to handle SIGTERM")?,
+        interrupt: signal(SignalKind::interrupt()).context("failed to handle SIGINT")?,
+    };
     let vm = Vm::start(spec).await.context("failed to start the VM")?;
     println!("state: {} (pid {})", vm.state(), vm.pid());
     let mut events = vm.events();
-    tokio::spawn(follow_console(console, console_offset));
+    let console_done = CancellationToken::new();
+    let console_task = tokio::spawn(follow_console(
+        console,
+        console_offset,
+        console_done.clone(),
+    ));
+    let exit = supervise(&vm, &args, signal_number, &mut events, &mut signals).await;
+    // Print the console lines QEMU wrote just before it exited, such as the guest's power-off
+    // message, before returning.
+    console_done.cancel();
+    if tokio::time::timeout(CONSOLE_DRAIN_WAIT, console_task)
+        .await
+        .is_err()
+    {
+        tracing::warn!("console output after exit not fully printed");
+    }
+    exit
+}
+
+/// The signals that make `run` stop the VM: SIGTERM and SIGINT (Ctrl-C).
+struct StopSignals {
+    terminate: Signal,
+    interrupt: Signal,
+}
+
+/// Prints events and stats until the VM exits, or stops it gracefully on SIGTERM or Ctrl-C.
+async fn supervise(
+    vm: &Vm,
+    args: &RunArgs,
+    signal_number: i32,
+    events: &mut tokio::sync::broadcast::Receiver<VmEvent>,
+    signals: &mut StopSignals,
+) -> anyhow::Result<()> {
+    let timeout = Duration::from_secs(args.shutdown_timeout);
 
     let mut stats_tick = (args.stats_interval > 0).then(|| {
         let period = Duration::from_secs(args.stats_interval);
@@ -147,8 +186,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 }
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
             },
-            _ = sigterm.recv() => break,
-            _ = sigint.recv() => break,
+            _ = signals.terminate.recv() => break,
+            _ = signals.interrupt.recv() => break,
             _ = async { stats_tick.as_mut().expect("guarded by the if").tick().await }, if stats_tick.is_some() => {
                 print_stats(&vm.stats(STATS_DEADLINE).await);
             }
@@ -267,14 +306,15 @@ fn print_stats(stats: &VmStats) {
     println!("{line}");
 }
 
-/// Prints what QEMU writes to the console file from `offset` on, prefixed per line.
-async fn follow_console(path: PathBuf, offset: u64) {
-    if let Err(error) = follow(&path, offset).await {
+/// Prints what QEMU writes to the console file from `offset` on, prefixed per line, until
+/// `done` is cancelled and the file is read to its end.
+async fn follow_console(path: PathBuf, offset: u64, done: CancellationToken) {
+    if let Err(error) = follow(&path, offset, &done).await {
         tracing::warn!(path = %path.display(), %error, "stopped following the console log");
     }
 }
 
-async fn follow(path: &Path, offset: u64) -> std::io::Result<()> {
+async fn follow(path: &Path, offset: u64, done: &CancellationToken) -> std::io::Result<()> {
     let mut file = tokio::fs::File::open(path).await?;
     file.seek(std::io::SeekFrom::Start(offset)).await?;
     let mut pending = Vec::new();
@@ -282,7 +322,16 @@ async fn follow(path: &Path, offset: u64) -> std::io::Result<()> {
     loop {
         let read = file.read(&mut buffer).await?;
         if read == 0 {
-            tokio::time::sleep(CONSOLE_POLL).await;
+            if done.is_cancelled() {
+                if !pending.is_empty() {
+                    println!("console: {}", String::from_utf8_lossy(&pending).trim_end());
+                }
+                return Ok(());
+            }
+            tokio::select! {
+                () = tokio::time::sleep(CONSOLE_POLL) => {}
+                () = done.cancelled() => {}
+            }
             continue;
         }
         pending.extend_from_slice(&buffer[..read]);
