@@ -20,6 +20,10 @@ use crate::qmp::{self, EventKind, ShutdownCause};
 /// its real parent to reap it (Linux 6.15 and later report the status through the pidfd then).
 const EXIT_STATUS_WAIT: Duration = Duration::from_secs(1);
 
+/// How long to wait for the exit status once a `SHUTDOWN` event has given the reason. A child is
+/// reaped at once; a non-child's status is rarely worth a longer wait.
+const STATUS_WAIT_AFTER_SHUTDOWN: Duration = Duration::from_millis(50);
+
 /// Poll interval while waiting for another parent to reap QEMU.
 const EXIT_STATUS_POLL: Duration = Duration::from_millis(10);
 
@@ -187,7 +191,19 @@ async fn run(shared: &Shared, mut events: qmp::Events, exit_tx: &watch::Sender<O
         let _ = tokio::time::timeout(EVENT_DRAIN_WAIT, drain).await;
     }
 
-    let status = shared.process.status().await;
+    // After a SHUTDOWN event the reason is known, and the status only adds the exit code. For a
+    // QEMU that is not our child the status needs another parent to reap it, which can take long,
+    // so it is awaited briefly. Without the event the status is the only evidence.
+    let shutdown_seen = shared.lock_evidence().shutdown.is_some();
+    let status = if shutdown_seen {
+        shared
+            .process
+            .status_within(STATUS_WAIT_AFTER_SHUTDOWN)
+            .await
+            .unwrap_or(ProcessStatus::Unknown)
+    } else {
+        shared.process.status().await
+    };
     let reason = shared.lock_evidence().reason(status);
     let exit = VmExit { reason, status };
     if let Err(error) = remove_sockets(&shared.dir) {
