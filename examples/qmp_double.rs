@@ -2,12 +2,13 @@
 //! the listening socket the driver passes, so one plugin can manage hundreds of "VMs" cheaply.
 //!
 //! It takes the flags this driver passes to QEMU and reads two of them:
-//! `-chardev socket,id=ID,fd=N,server=on,wait=off` (the inherited listening socket) and
-//! `-name guest=NAME` (returned by `query-name`). Every other flag is accepted and ignored.
+//! `-chardev socket,id=ID,fd=N,server=on,wait=off` (an inherited listening socket, one per QMP
+//! monitor, each served by its own thread) and `-name guest=NAME` (returned by `query-name`).
+//! Every other flag is accepted and ignored.
 //! `--version` prints a QEMU-like version line.
 //!
-//! On the socket it accepts one client at a time, like QEMU's QMP monitor, sends the greeting
-//! and answers `qmp_capabilities`, `query-version`, `query-status`, `query-name`, `query-kvm`,
+//! On each socket it accepts one client at a time, like QEMU's QMP monitor, sends the greeting
+//! and replies to `qmp_capabilities`, `query-version`, `query-status`, `query-name`, `query-kvm`,
 //! `query-cpus-fast`, `query-blockstats`, `query-balloon` (`DeviceNotActive`, as QEMU without
 //! a balloon device), `stop`, `cont`, `system_powerdown` and `quit`. `system_powerdown` is
 //! answered with `POWERDOWN`, the reply, then `SHUTDOWN` (`guest-shutdown`), and the process
@@ -18,9 +19,10 @@
 //! `qemu-system-double` into a directory on the plugin's `PATH`, and give tasks
 //! `emulator = "double"`.
 
-use std::io::{self, BufRead, BufReader, Write};
+use std::io::{self, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
@@ -34,8 +36,8 @@ const PACKAGE: &str = "qmp-double";
 /// What the flags of the command line set.
 #[derive(Debug)]
 struct Options {
-    /// Number of the inherited listening socket, from `-chardev ...,fd=N`.
-    qmp_fd: i32,
+    /// Numbers of the inherited listening sockets, from each `-chardev ...,fd=N`.
+    qmp_fds: Vec<i32>,
     /// VM name from `-name`, or an empty string without it.
     name: String,
 }
@@ -73,7 +75,7 @@ fn main() -> ExitCode {
 }
 
 fn parse_options(args: &[String]) -> Result<Options, String> {
-    let mut qmp_fd = None;
+    let mut qmp_fds = Vec::new();
     let mut name = String::new();
     let mut pairs = args.iter();
     while let Some(flag) = pairs.next() {
@@ -86,7 +88,7 @@ fn parse_options(args: &[String]) -> Result<Options, String> {
                     let fd = fd.parse::<i32>().map_err(|_| {
                         format!("-chardev {value:?} has an invalid fd {fd:?}: expected a number")
                     })?;
-                    qmp_fd = Some(fd);
+                    qmp_fds.push(fd);
                 }
             }
             "-name" => {
@@ -98,11 +100,14 @@ fn parse_options(args: &[String]) -> Result<Options, String> {
             _ => {}
         }
     }
-    let qmp_fd = qmp_fd.ok_or(
-        "no QMP socket: pass -chardev socket,id=ID,fd=N,server=on,wait=off with an inherited \
-         listening Unix socket as fd N",
-    )?;
-    Ok(Options { qmp_fd, name })
+    if qmp_fds.is_empty() {
+        return Err(
+            "no QMP socket: pass -chardev socket,id=ID,fd=N,server=on,wait=off with an \
+             inherited listening Unix socket as fd N"
+                .into(),
+        );
+    }
+    Ok(Options { qmp_fds, name })
 }
 
 /// Returns the value of `key=value` in a QEMU option list such as `socket,id=qmp0,fd=3`.
@@ -111,15 +116,39 @@ fn option_value<'a>(list: &'a str, key: &str) -> Option<&'a str> {
         .find_map(|part| part.strip_prefix(key)?.strip_prefix('='))
 }
 
-/// Adopts the inherited socket and serves clients until a shutdown.
+/// Adopts the inherited sockets and serves each in its own thread until a shutdown, which
+/// exits the process.
 fn serve(options: &Options) -> io::Result<()> {
-    let listener = inherited_listener(options.qmp_fd)?;
-    let mut status = "running";
+    let listeners = options
+        .qmp_fds
+        .iter()
+        .map(|&fd| inherited_listener(fd))
+        .collect::<io::Result<Vec<_>>>()?;
+    let paused = &AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let monitors: Vec<_> = listeners
+            .into_iter()
+            .map(|listener| scope.spawn(move || monitor(&listener, options, paused)))
+            .collect();
+        for monitor in monitors {
+            monitor
+                .join()
+                .unwrap_or_else(|_| Err(io::Error::other("a monitor thread panicked")))?;
+        }
+        Ok(())
+    })
+}
+
+/// Accepts clients on one QMP socket, one at a time, until a shutdown or an accept error.
+fn monitor(listener: &UnixListener, options: &Options, paused: &AtomicBool) -> io::Result<()> {
     loop {
         let (stream, _) = listener.accept()?;
-        match session(stream, options, &mut status)? {
-            SessionEnd::Disconnected => continue,
-            SessionEnd::Shutdown => return Ok(()),
+        match session(stream, options, paused) {
+            Ok(SessionEnd::Shutdown) => std::process::exit(0),
+            Ok(SessionEnd::Disconnected) => continue,
+            // Like QEMU, a client that goes away mid-session only ends that session.
+            Err(error) if is_disconnect(&error) => continue,
+            Err(error) => return Err(error),
         }
     }
 }
@@ -136,11 +165,7 @@ fn inherited_listener(fd: i32) -> io::Result<UnixListener> {
         .ok_or_else(|| io::Error::other(format!("fd {fd} is not an inherited socket")))
 }
 
-fn session(
-    stream: UnixStream,
-    options: &Options,
-    status: &mut &'static str,
-) -> io::Result<SessionEnd> {
+fn session(stream: UnixStream, options: &Options, paused: &AtomicBool) -> io::Result<SessionEnd> {
     let mut writer = stream.try_clone()?;
     let reader = BufReader::new(stream);
     let (major, minor, micro) = VERSION;
@@ -154,17 +179,18 @@ fn session(
     )?;
 
     let mut negotiated = false;
-    for line in reader.lines() {
-        let line = line?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let request: Value = match serde_json::from_str(&line) {
+    // Like QEMU, read a stream of JSON values: clients need not end a command with a newline.
+    let requests = serde_json::Deserializer::from_reader(reader).into_iter::<Value>();
+    for request in requests {
+        let request = match request {
             Ok(request) => request,
+            Err(error) if error.is_io() => return Err(error.into()),
             Err(error) => {
+                // NOTE: QEMU skips to the next valid value after a syntax error. This double
+                // cannot find where that is, so it replies and ends the session instead.
                 let reply = error_reply("GenericError", &format!("JSON parse error, {error}"));
                 send(&mut writer, &reply)?;
-                continue;
+                return Ok(SessionEnd::Disconnected);
             }
         };
         let id = request.get("id").cloned();
@@ -188,9 +214,11 @@ fn session(
                 json!({"return": {}})
             }
             "query-version" => json!({"return": version}),
-            "query-status" => json!({
-                "return": {"status": *status, "singlestep": false, "running": *status == "running"}
-            }),
+            "query-status" => {
+                let running = !paused.load(Ordering::SeqCst);
+                let status = if running { "running" } else { "paused" };
+                json!({"return": {"status": status, "singlestep": false, "running": running}})
+            }
             "query-name" if options.name.is_empty() => json!({"return": {}}),
             "query-name" => json!({"return": {"name": options.name}}),
             "query-kvm" => json!({"return": {"enabled": false, "present": false}}),
@@ -209,12 +237,12 @@ fn session(
                 error_reply("DeviceNotActive", "No balloon device has been activated")
             }
             "stop" => {
-                *status = "paused";
+                paused.store(true, Ordering::SeqCst);
                 send(&mut writer, &event("STOP", None))?;
                 json!({"return": {}})
             }
             "cont" => {
-                *status = "running";
+                paused.store(false, Ordering::SeqCst);
                 send(&mut writer, &event("RESUME", None))?;
                 json!({"return": {}})
             }
@@ -239,6 +267,13 @@ fn session(
         send(&mut writer, &with_id(reply, id))?;
     }
     Ok(SessionEnd::Disconnected)
+}
+
+fn is_disconnect(error: &io::Error) -> bool {
+    matches!(
+        error.kind(),
+        io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset | io::ErrorKind::UnexpectedEof
+    )
 }
 
 fn send(writer: &mut UnixStream, message: &Value) -> io::Result<()> {
