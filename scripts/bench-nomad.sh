@@ -203,7 +203,7 @@ plugin "$plugin_file" {
 }
 EOF
 
-nomad_version="$("$nomad" version | head -n 1)"
+nomad_version="$("$nomad" version | sed -n 1p)"
 step "starting $nomad_version on $addr with the qemu and qemu-qmp drivers"
 setsid "$nomad" agent -config "$work/agent.hcl" >"$work/agent.log" 2>&1 &
 agent_pid=$!
@@ -251,7 +251,7 @@ fi
 step "results"
 {
     echo "Machine: $(nproc) cores ($(grep -m 1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')), $(free -g | awk '/^Mem:/ { print $2 }') GiB RAM, $(uname -sr)"
-    echo "QEMU: $(qemu-system-x86_64 --version | head -n 1); Nomad: $nomad_version; guests: TCG, 128 MiB"
+    echo "QEMU: $(qemu-system-x86_64 --version | sed -n 1p); Nomad: $nomad_version; guests: TCG, 128 MiB"
     echo "Command: scripts/bench-nomad.sh$([[ $quick -eq 1 ]] && echo ' --quick')"
     echo
     python3 "$repo/benches/nomad/side_by_side.py" table --nomad "$work/nomad.json" \
