@@ -18,7 +18,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
+use serde::de::{DeserializeOwned, IgnoredAny};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
@@ -27,7 +29,7 @@ use tokio::task::JoinHandle;
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tracing::Instrument;
 
-use super::codec::{QmpCodec, DEFAULT_MAX_LINE_LENGTH};
+use super::codec::{QmpCodec, Request, DEFAULT_MAX_LINE_LENGTH};
 use super::commands::{Command, ErrorClass, QmpCapabilities, VersionInfo};
 use super::error::{excerpt, Error};
 use super::events::{self, Event, EventKind, EventSender, Events, Timestamp};
@@ -306,19 +308,15 @@ impl Client {
         command: &C,
         timeout: Duration,
     ) -> impl Future<Output = Result<C::Reply, Error>> + Send + '_ {
-        let arguments = serde_json::to_value(command);
+        let arguments = serde_json::to_vec(command);
         async move {
             let arguments = arguments.map_err(|source| Error::Encode {
                 command: C::NAME.to_owned(),
                 source,
             })?;
-            let reply = self
-                .execute_within(C::NAME, Some(arguments), timeout)
-                .await?;
-            C::Reply::deserialize(reply).map_err(|source| Error::InvalidReply {
-                command: C::NAME.to_owned(),
-                source,
-            })
+            let arguments = has_content_bytes(&arguments).then_some(arguments);
+            let reply = self.exchange(C::NAME, arguments, timeout).await?;
+            reply.decode(C::NAME)
         }
     }
 
@@ -344,6 +342,27 @@ impl Client {
         arguments: Option<Value>,
         timeout: Duration,
     ) -> Result<Value, Error> {
+        let arguments = match arguments.filter(has_content) {
+            Some(arguments) => {
+                Some(
+                    serde_json::to_vec(&arguments).map_err(|source| Error::Encode {
+                        command: name.to_owned(),
+                        source,
+                    })?,
+                )
+            }
+            None => None,
+        };
+        self.exchange(name, arguments, timeout).await?.decode(name)
+    }
+
+    /// Writes one request and waits at most `timeout` for the reply routed to it.
+    async fn exchange(
+        &self,
+        name: &str,
+        arguments: Option<Vec<u8>>,
+        timeout: Duration,
+    ) -> Result<Routed, Error> {
         let shared = &self.inner.shared;
         let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
         let (reply_tx, reply_rx) = oneshot::channel();
@@ -356,30 +375,19 @@ impl Client {
         }
         let _pending = PendingGuard { shared, id };
 
-        let mut request = Map::new();
-        request.insert("execute".into(), Value::from(name));
-        if let Some(arguments) = arguments.filter(has_content) {
-            request.insert("arguments".into(), arguments);
-        }
-        request.insert("id".into(), Value::from(id));
-        let request = Value::Object(request);
-
+        let request = Request {
+            name,
+            arguments: arguments.as_deref(),
+            id,
+        };
         let exchange = async {
-            self.inner
-                .writer
-                .lock()
-                .await
-                .send(&request)
-                .await
-                .map_err(|error| match error {
-                    Error::Io(io) if is_disconnect(&io) => Error::ConnectionClosed,
-                    other => other,
-                })?;
-            match reply_rx.await {
-                Ok(Ok(value)) => Ok(value),
-                Ok(Err(error)) => Err(error.into_error(name)),
-                Err(_) => Err(Error::ConnectionClosed),
-            }
+            let sent = self.inner.writer.lock().await.send(request).await;
+            sent.map_err(|error| match error {
+                Error::Io(io) if is_disconnect(&io) => Error::ConnectionClosed,
+                other => other,
+            })?;
+            // `Routed::decode` turns an error reply into an error.
+            reply_rx.await.map_err(|_| Error::ConnectionClosed)
         };
         match tokio::time::timeout(timeout, exchange).await {
             Ok(result) => result,
@@ -442,6 +450,12 @@ fn has_content(arguments: &Value) -> bool {
     }
 }
 
+/// Tells whether serialized arguments carry anything, like [`has_content`]: a unit struct
+/// serializes to `null` and a struct whose fields are all skipped to `{}`.
+fn has_content_bytes(arguments: &[u8]) -> bool {
+    arguments != b"null" && arguments != b"{}"
+}
+
 fn is_disconnect(error: &std::io::Error) -> bool {
     matches!(
         error.kind(),
@@ -480,6 +494,50 @@ impl ErrorBody {
 
 type Reply = Result<Value, ErrorBody>;
 
+/// A reply as the reader task hands it to the waiting command.
+enum Routed {
+    /// The whole line of a successful reply. The command parses its `return` member straight
+    /// into its reply type, so no JSON tree is built for it.
+    Line(Bytes),
+    /// A successful reply that the reader has parsed already.
+    Parsed(Value),
+    /// An error reply.
+    Failed(ErrorBody),
+}
+
+/// The `return` member of a reply line; other members are skipped.
+#[derive(Deserialize)]
+struct ReturnMember<T> {
+    #[serde(rename = "return")]
+    value: T,
+}
+
+impl Routed {
+    /// Deserializes the `return` value as `T`, or turns an error reply into [`Error::Qmp`].
+    fn decode<T: DeserializeOwned>(self, command: &str) -> Result<T, Error> {
+        let decoded = match self {
+            Routed::Line(line) => {
+                serde_json::from_slice::<ReturnMember<T>>(&line).map(|member| member.value)
+            }
+            Routed::Parsed(value) => T::deserialize(value),
+            Routed::Failed(error) => return Err(error.into_error(command)),
+        };
+        decoded.map_err(|source| Error::InvalidReply {
+            command: command.to_owned(),
+            source,
+        })
+    }
+}
+
+/// The members of a line that decide whether it is a successful reply, without the values.
+#[derive(Deserialize)]
+struct ReplyHead {
+    id: Option<u64>,
+    #[serde(rename = "return")]
+    value: Option<IgnoredAny>,
+    event: Option<IgnoredAny>,
+}
+
 #[derive(Default)]
 struct Counters {
     invalid_lines: AtomicU64,
@@ -504,7 +562,7 @@ struct Shared {
 }
 
 struct State {
-    pending: HashMap<u64, oneshot::Sender<Reply>>,
+    pending: HashMap<u64, oneshot::Sender<Routed>>,
     subscribers: Vec<EventSender>,
     closed: bool,
 }
@@ -532,12 +590,36 @@ impl Shared {
                     .and_then(|id| self.lock().pending.remove(&id));
                 match waiter {
                     // The command may have timed out in the meantime, which is fine.
-                    Some(waiter) => drop(waiter.send(result)),
+                    Some(waiter) => {
+                        let routed = match result {
+                            Ok(value) => Routed::Parsed(value),
+                            Err(error) => Routed::Failed(error),
+                        };
+                        drop(waiter.send(routed));
+                    }
                     None => self.skip(&Incoming::Reply { id, result }),
                 }
             }
             other => self.skip(&other),
         }
+    }
+
+    /// Hands a successful reply line to its waiting command without parsing the `return`
+    /// value. Returns `false` for every other line, and for a reply that no command waits for,
+    /// which then take the full path through [`Incoming::parse`].
+    fn route_reply(&self, line: &Bytes) -> bool {
+        let Ok(head) = serde_json::from_slice::<ReplyHead>(line) else {
+            return false;
+        };
+        let (Some(id), Some(_), None) = (head.id, head.value, head.event) else {
+            return false;
+        };
+        let Some(waiter) = self.lock().pending.remove(&id) else {
+            return false;
+        };
+        // The command may have timed out in the meantime, which is fine.
+        drop(waiter.send(Routed::Line(line.clone())));
+        true
     }
 
     fn skip(&self, message: &Incoming) {
@@ -573,6 +655,9 @@ where
             }
             Some(Err(error)) => break CloseReason::Failed(Arc::new(error)),
             Some(Ok(line)) => {
+                if shared.route_reply(&line) {
+                    continue;
+                }
                 if let Some(message) = Incoming::parse(&line, &shared.counters) {
                     shared.dispatch(message);
                 }

@@ -6,6 +6,8 @@
 //! JSON stream parser does not need one. A newline that QEMU has not read when it exits (after
 //! `quit`) would make the kernel reset the connection instead of closing it.
 
+use std::fmt::Write as _;
+
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio_util::codec::{Decoder, Encoder};
 
@@ -149,6 +151,41 @@ impl Decoder for QmpCodec {
         buf.clear();
         self.searched = 0;
         Err(Error::TruncatedLine { len })
+    }
+}
+
+/// One command request whose arguments are already serialized, so the hot path of
+/// [`Client`](super::Client) writes it without building a JSON tree.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Request<'a> {
+    /// QMP command name.
+    pub name: &'a str,
+    /// The `arguments` member as compact JSON, or `None` to leave it out.
+    pub arguments: Option<&'a [u8]>,
+    /// The `id` QEMU echoes in the reply.
+    pub id: u64,
+}
+
+/// Writes `{"execute": NAME, "arguments": ..., "id": ID}` as compact JSON with no newline.
+impl Encoder<Request<'_>> for QmpCodec {
+    type Error = Error;
+
+    fn encode(&mut self, request: Request<'_>, buf: &mut BytesMut) -> Result<(), Error> {
+        let start = buf.len();
+        buf.put_slice(br#"{"execute":"#);
+        // The name is escaped as a JSON string. Writing into memory cannot fail, but if it did,
+        // the partial request must not stay in the buffer and reach the peer.
+        if let Err(error) = serde_json::to_writer(buf.writer(), request.name) {
+            buf.truncate(start);
+            return Err(std::io::Error::from(error).into());
+        }
+        if let Some(arguments) = request.arguments {
+            buf.put_slice(br#","arguments":"#);
+            buf.put_slice(arguments);
+        }
+        // `BytesMut` grows as needed, so formatting into it cannot fail.
+        let _ = write!(buf, r#","id":{}}}"#, request.id);
+        Ok(())
     }
 }
 
@@ -305,6 +342,31 @@ mod tests {
         let message = serde_json::json!({"execute": "quit", "id": 3});
         codec.encode(&message, &mut buf).unwrap();
         assert_eq!(&buf[..], br#"{"execute":"quit","id":3}"#);
+    }
+
+    #[test]
+    fn encode_request_bytes() {
+        let mut codec = QmpCodec::default();
+        let mut buf = BytesMut::new();
+        let request = Request {
+            name: "set_link\"",
+            arguments: Some(br#"{"up":false}"#),
+            id: 42,
+        };
+        codec.encode(request, &mut buf).unwrap();
+        let value: serde_json::Value = serde_json::from_slice(&buf).unwrap();
+        assert_eq!(
+            value,
+            serde_json::json!({"execute": "set_link\"", "arguments": {"up": false}, "id": 42})
+        );
+        buf.clear();
+        let request = Request {
+            name: "query-status",
+            arguments: None,
+            id: 7,
+        };
+        codec.encode(request, &mut buf).unwrap();
+        assert_eq!(&buf[..], br#"{"execute":"query-status","id":7}"#);
     }
 
     proptest! {
