@@ -2,6 +2,8 @@
 //! clients side by side:
 //!
 //! * a minimal blocking client on a plain socket, which is the floor;
+//! * the same minimal client on tokio (current-thread), which is the floor for any client
+//!   built on tokio's reactor;
 //! * this crate's [`Client`] on a current-thread tokio runtime;
 //! * the same client on a multi-thread runtime with 2 workers, as the plugin runs it;
 //! * Python's `qemu.qmp` library, driven by `benches/qmp_python.py`.
@@ -13,7 +15,9 @@
 //! client's median divided by the floor's median of the same run.
 //!
 //! Run with `cargo bench --bench qmp_roundtrip` (or `scripts/bench.sh`). Needs
-//! `qemu-system-x86_64` and the Python package `qemu.qmp`.
+//! `qemu-system-x86_64` and the Python package `qemu.qmp`. To profile one client, name it
+//! after `--`: `tokio-raw`, `current-thread`, `multi-thread` or `python`; the floor always
+//! runs.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream as StdUnixStream;
@@ -29,17 +33,36 @@ const BATCH: usize = 100;
 
 fn main() {
     let dir = tempfile::tempdir().expect("create a temporary directory for the QMP sockets");
-    let sockets: Vec<PathBuf> = (0..4)
+    let sockets: Vec<PathBuf> = (0..5)
         .map(|i| dir.path().join(format!("qmp{i}.sock")))
         .collect();
     let _qemu = start_qemu(&sockets);
 
-    let mut clients: Vec<Box<dyn Bench>> = vec![
-        Box::new(RawClient::connect(&sockets[0])),
-        Box::new(CrateClient::connect(&sockets[1], Flavor::CurrentThread)),
-        Box::new(CrateClient::connect(&sockets[2], Flavor::MultiThread)),
-        Box::new(PythonClient::connect(&sockets[3])),
-    ];
+    // Cargo passes `--bench` to the binary; other arguments select clients.
+    let selected: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|arg| !arg.starts_with("--"))
+        .collect();
+    let wanted = |name: &str| selected.is_empty() || selected.iter().any(|arg| arg == name);
+    let mut clients: Vec<Box<dyn Bench>> = vec![Box::new(RawClient::connect(&sockets[0]))];
+    if wanted("tokio-raw") {
+        clients.push(Box::new(TokioRawClient::connect(&sockets[4])));
+    }
+    if wanted("current-thread") {
+        clients.push(Box::new(CrateClient::connect(
+            &sockets[1],
+            Flavor::CurrentThread,
+        )));
+    }
+    if wanted("multi-thread") {
+        clients.push(Box::new(CrateClient::connect(
+            &sockets[2],
+            Flavor::MultiThread,
+        )));
+    }
+    if wanted("python") {
+        clients.push(Box::new(PythonClient::connect(&sockets[3])));
+    }
 
     // Warm up every client (page faults, lazy allocations, Python's bytecode cache).
     for client in &mut clients {
@@ -213,6 +236,74 @@ impl Bench for RawClient {
             );
         }
         samples
+    }
+}
+
+/// The floor's loop on tokio: one task writes and reads the same socket, with no reader task,
+/// no routing and no deadline.
+struct TokioRawClient {
+    runtime: tokio::runtime::Runtime,
+    stream: tokio::io::BufReader<tokio::net::UnixStream>,
+}
+
+impl TokioRawClient {
+    fn connect(socket: &Path) -> Self {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("build a tokio runtime");
+        let stream = runtime.block_on(async {
+            let stream = tokio::net::UnixStream::connect(socket)
+                .await
+                .expect("connect to QEMU");
+            let mut stream = tokio::io::BufReader::new(stream);
+            let mut line = String::new();
+            stream
+                .read_line(&mut line)
+                .await
+                .expect("read the greeting");
+            stream
+                .write_all(br#"{"execute": "qmp_capabilities"}"#)
+                .await
+                .expect("send qmp_capabilities");
+            line.clear();
+            stream
+                .read_line(&mut line)
+                .await
+                .expect("read the qmp_capabilities reply");
+            stream
+        });
+        Self { runtime, stream }
+    }
+}
+
+impl Bench for TokioRawClient {
+    fn label(&self) -> &'static str {
+        "tokio raw socket, no reader task"
+    }
+
+    fn batch(&mut self, calls: usize) -> Vec<Duration> {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+
+        let stream = &mut self.stream;
+        self.runtime.block_on(async move {
+            let mut samples = Vec::with_capacity(calls);
+            let mut line = String::new();
+            for _ in 0..calls {
+                let started = Instant::now();
+                stream
+                    .write_all(br#"{"execute": "query-status"}"#)
+                    .await
+                    .expect("send query-status");
+                line.clear();
+                stream.read_line(&mut line).await.expect("read the reply");
+                samples.push(started.elapsed());
+                assert!(line.contains("\"return\""), "unexpected reply: {line}");
+            }
+            samples
+        })
     }
 }
 
