@@ -1,4 +1,4 @@
-//! Round-trip time of `query-status` against real QEMU (`-machine none`, TCG), for four
+//! Round-trip time of `query-status` against real QEMU (`-machine none`, TCG), for six
 //! clients side by side:
 //!
 //! * a minimal blocking client on a plain socket that sends an `id` as every client with
@@ -45,27 +45,27 @@ fn main() {
         .skip(1)
         .filter(|arg| !arg.starts_with("--"))
         .collect();
-    let wanted = |name: &str| selected.is_empty() || selected.iter().any(|arg| arg == name);
+    let is_selected = |name: &str| selected.is_empty() || selected.iter().any(|arg| arg == name);
     let mut clients: Vec<Box<dyn Bench>> = vec![Box::new(RawClient::connect(&sockets[0], true))];
-    if wanted("no-id") {
+    if is_selected("no-id") {
         clients.push(Box::new(RawClient::connect(&sockets[5], false)));
     }
-    if wanted("tokio-raw") {
+    if is_selected("tokio-raw") {
         clients.push(Box::new(TokioRawClient::connect(&sockets[4])));
     }
-    if wanted("current-thread") {
+    if is_selected("current-thread") {
         clients.push(Box::new(CrateClient::connect(
             &sockets[1],
             Flavor::CurrentThread,
         )));
     }
-    if wanted("multi-thread") {
+    if is_selected("multi-thread") {
         clients.push(Box::new(CrateClient::connect(
             &sockets[2],
             Flavor::MultiThread,
         )));
     }
-    if wanted("python") {
+    if is_selected("python") {
         clients.push(Box::new(PythonClient::connect(&sockets[3])));
     }
 
