@@ -245,6 +245,7 @@ async fn vm_cycle(command: QemuCommandLine, name: String, dir: PathBuf) -> VmTim
         name,
         command,
         dir: dir.clone(),
+        work_dir: dir.clone(),
         stdout: console.clone(),
         stderr: dir.join("stderr.log"),
         user: None,

@@ -255,6 +255,7 @@ fn build_spec(args: &RunArgs) -> anyhow::Result<VmSpec> {
         command,
         stdout: dir.join("console.log"),
         stderr: dir.join("qemu-stderr.log"),
+        work_dir: dir.clone(),
         dir,
         user: None,
         netns: None,

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use nomad_driver_qemu::driver::vm::argv::{Drive, Piece};
 use nomad_driver_qemu::driver::vm::{
-    ExitReason, ForceStep, ProcessStatus, SavedVm, Vm, VmError, VmEvent, VmState,
+    ExitReason, ForceStep, ProcessStatus, SavedVm, Vm, VmError, VmEvent, VmSpec, VmState,
     DEFAULT_REATTACH_TIMEOUT, STOP_MARGIN,
 };
 use rustix::process::{Pid, Signal};
@@ -36,8 +36,19 @@ async fn lifecycle_graceful_stop() {
     let _slot = support::guest_slot().await;
     let dir = support::temp_dir();
     let name = support::unique_name("graceful");
-    let vm = boot(&name, Guest::Poweroff, dir.path()).await;
+    let work_dir = dir.path().join("work");
+    std::fs::create_dir(&work_dir).expect("create the working dir");
+    let spec = support::guest_spec(&name, Guest::Poweroff, dir.path());
+    let vm = Vm::start(VmSpec {
+        work_dir: work_dir.clone(),
+        ..spec
+    })
+    .await
+    .expect("start VM");
+    support::wait_for_marker(&dir.path().join("console.log"), READY_MARKER, BOOT_LIMIT).await;
     assert_eq!(vm.state(), VmState::Running);
+    let cwd = std::fs::read_link(format!("/proc/{}/cwd", vm.pid())).expect("read QEMU's cwd");
+    assert_eq!(cwd, work_dir);
     let mut events = vm.events();
 
     let started = Instant::now();

@@ -54,6 +54,9 @@ pub struct VmSpec {
     pub command: QemuCommandLine,
     /// Existing run directory that holds the QMP socket. Its path may be of any length.
     pub dir: PathBuf,
+    /// QEMU's working directory, against which relative paths in its arguments resolve. Nomad
+    /// tasks use the task dir, which `args_allowlist` checks relative paths against.
+    pub work_dir: PathBuf,
     /// File or FIFO for QEMU's stdout (the serial console with `-nographic`). A regular file is
     /// created if missing and appended to.
     pub stdout: PathBuf,
@@ -238,7 +241,8 @@ fn spawn_with_listeners(
         .args(command_line.args())
         .stdin(Stdio::null())
         .stdout(stdout)
-        .stderr(stderr);
+        .stderr(stderr)
+        .current_dir(&spec.work_dir);
     setup.install(&mut command);
 
     let child = command.spawn().map_err(|source| VmError::Spawn {

@@ -89,6 +89,7 @@ pub fn guest_spec(name: &str, guest: Guest, dir: &Path) -> VmSpec {
         name: name.into(),
         command: guest_command(guest),
         dir: dir.to_path_buf(),
+        work_dir: dir.to_path_buf(),
         stdout: dir.join("console.log"),
         stderr: dir.join("stderr.log"),
         user: None,

@@ -357,6 +357,7 @@ fn prepare(
         name: config.id.clone(),
         command,
         dir: task_dir.clone(),
+        work_dir: task_dir.clone(),
         stdout: log_path(&config.stdout_path),
         stderr: log_path(&config.stderr_path),
         user: resolve_user(&config.user)?,
