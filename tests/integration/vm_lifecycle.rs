@@ -94,6 +94,51 @@ async fn lifecycle_ignoring_guest_forced() {
 }
 
 #[tokio::test]
+async fn kill_during_graceful_stop() {
+    let _slot = support::guest_slot().await;
+    let dir = support::temp_dir();
+    let name = support::unique_name("kill-during-stop");
+    let vm = boot(&name, Guest::Ignore, dir.path()).await;
+
+    let stopping = vm.clone();
+    let graceful =
+        tokio::spawn(async move { stopping.stop(Duration::from_secs(10), libc::SIGTERM).await });
+    // Let the stop send system_powerdown and start waiting for the guest, which ignores it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(vm.state(), VmState::Stopping);
+
+    let started = Instant::now();
+    let killed = vm.kill().await.expect("kill during a stop");
+    let took = started.elapsed();
+    let stopped = tokio::time::timeout(Duration::from_secs(2), graceful)
+        .await
+        .expect("the graceful stop returns right after the kill")
+        .expect("stop task joins")
+        .expect("graceful stop");
+
+    assert!(took < Duration::from_secs(2), "kill took {took:?}");
+    assert_eq!(killed, stopped);
+    assert_eq!(killed.reason, ExitReason::Forced(ForceStep::Quit));
+    support::assert_no_qemu_named(&name);
+}
+
+#[tokio::test]
+async fn huge_stop_timeout_powers_off() {
+    let _slot = support::guest_slot().await;
+    let dir = support::temp_dir();
+    let name = support::unique_name("huge-timeout");
+    let vm = boot(&name, Guest::Poweroff, dir.path()).await;
+
+    let exit = tokio::time::timeout(STOP_TIMEOUT, vm.stop(Duration::MAX, libc::SIGTERM))
+        .await
+        .expect("the guest powers off long before the limit")
+        .expect("stop");
+
+    assert_eq!(exit.reason, ExitReason::GuestPoweredOff);
+    support::assert_no_qemu_named(&name);
+}
+
+#[tokio::test]
 async fn lifecycle_sigkill_non_child() {
     let _slot = support::guest_slot().await;
     let dir = support::temp_dir();

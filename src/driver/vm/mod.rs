@@ -84,6 +84,7 @@ struct Shared {
     events: broadcast::Sender<VmEvent>,
     process: ProcessWatch,
     exit: watch::Receiver<Option<VmExit>>,
+    stop: stop::StopControl,
     span: tracing::Span,
 }
 
@@ -170,7 +171,8 @@ impl Vm {
                 source,
             },
         };
-        tracing::error!(parent: &span, pid, error = %error, "VM start failed");
+        // The caller handles the error and logs it, so it is logged only once.
+        tracing::debug!(parent: &span, pid, error = %error, "VM start failed");
         Err(error)
     }
 
@@ -219,6 +221,7 @@ impl Vm {
             events,
             process,
             exit,
+            stop: stop::StopControl::default(),
             span,
         });
         let cancel = CancellationToken::new();
@@ -284,12 +287,17 @@ impl Vm {
     /// power off, then QMP `quit`, then `signal` (Nomad's `kill_signal`), then SIGKILL, each to
     /// QEMU's process group.
     ///
-    /// Returns within `timeout` + [`STOP_MARGIN`]. Each step is sent as a [`VmEvent`].
+    /// Returns within `timeout` + [`STOP_MARGIN`]. Each step is sent as a [`VmEvent`]. A call
+    /// made while another stop runs joins that stop: at its own `timeout` it cuts the running
+    /// stop's graceful wait short, and both return the same exit.
     pub async fn stop(&self, timeout: Duration, signal: i32) -> Result<VmExit, VmError> {
         stop::stop(self.shared(), Some(timeout), signal).await
     }
 
     /// Stops the VM without asking the guest: QMP `quit`, then SIGTERM, then SIGKILL.
+    ///
+    /// While a graceful [`Vm::stop`] runs, this cuts its wait for the guest short, so the
+    /// forced steps start at once, and returns the same exit as that stop.
     pub async fn kill(&self) -> Result<VmExit, VmError> {
         stop::stop(self.shared(), None, libc::SIGTERM).await
     }
