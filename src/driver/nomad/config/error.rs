@@ -1,7 +1,24 @@
 //! Rejections of a task or plugin config. Each message names the value, the rule and the fix.
 
+use std::fmt::Debug;
 use std::io;
 use std::path::PathBuf;
+use std::time::Duration;
+
+/// Longest echo of a value in an error message, in characters. Longer values are cut, so that
+/// an error stays readable and fits in a gRPC status header.
+const ECHO_LIMIT: usize = 256;
+
+/// Renders `value` quoted, as `{:?}` does, cut to [`ECHO_LIMIT`] characters with its length.
+pub(crate) fn echo<T: Debug + ?Sized>(value: &T) -> String {
+    let text = format!("{value:?}");
+    let count = text.chars().count();
+    if count <= ECHO_LIMIT {
+        return text;
+    }
+    let head: String = text.chars().take(ECHO_LIMIT).collect();
+    format!("{head}... ({count} characters, cut)")
+}
 
 /// A task or plugin config that breaks a rule.
 #[derive(Debug, thiserror::Error)]
@@ -11,14 +28,14 @@ pub enum ConfigError {
     MissingImagePath,
 
     /// `image_path` contains a comma, which could add options to `-drive`.
-    #[error("image_path {path:?} contains a comma: rename the image or link it under a name without commas")]
+    #[error("image_path {} contains a comma: rename the image or link it under a name without commas", echo(.path))]
     CommaInImagePath {
         /// The value as given.
         path: String,
     },
 
     /// `image_path` cannot be resolved.
-    #[error("image_path {path:?} (resolved to {resolved:?}) cannot be opened: check that the image exists")]
+    #[error("image_path {} (resolved to {}) cannot be opened: check that the image exists", echo(.path), echo(.resolved))]
     ImagePathNotFound {
         /// The value as given.
         path: String,
@@ -31,9 +48,8 @@ pub enum ConfigError {
 
     /// `image_path` resolves outside the allocation dir and the plugin's `image_paths`.
     #[error(
-        "image_path {path:?} resolves to {resolved:?}, which is outside the allowed dirs {allowed:?}: \
-         move the image into the allocation dir or add its dir to the plugin's image_paths"
-    )]
+        "image_path {} resolves to {}, which is outside the allowed dirs {}: \
+         move the image into the allocation dir or add its dir to the plugin's image_paths", echo(.path), echo(.resolved), echo(.allowed))]
     ImagePathNotAllowed {
         /// The value as given.
         path: String,
@@ -44,7 +60,7 @@ pub enum ConfigError {
     },
 
     /// An option that becomes part of a QEMU option list has characters outside `[A-Za-z0-9._:-]`.
-    #[error("{option} {value:?} is invalid: use only letters, digits, '.', '_', ':' and '-'")]
+    #[error("{option} {} is invalid: use only letters, digits, '.', '_', ':' and '-'", echo(.value))]
     InvalidName {
         /// Option name.
         option: &'static str,
@@ -53,7 +69,7 @@ pub enum ConfigError {
     },
 
     /// `drive_interface` is not one QEMU supports.
-    #[error("drive_interface {value:?} is not supported: use one of {allowed:?}")]
+    #[error("drive_interface {} is not supported: use one of {}", echo(.value), echo(.allowed))]
     UnsupportedDriveInterface {
         /// The value as given.
         value: String,
@@ -63,9 +79,8 @@ pub enum ConfigError {
 
     /// `emulator` is not in the plugin's `emulators_allowlist`.
     #[error(
-        "emulator {emulator:?} is not in the plugin's emulators_allowlist {allowlist:?}: \
-         use one of those or ask the operator to allow it"
-    )]
+        "emulator {} is not in the plugin's emulators_allowlist {}: \
+         use one of those or ask the operator to allow it", echo(.emulator), echo(.allowlist))]
     EmulatorNotAllowed {
         /// The emulator target.
         emulator: String,
@@ -75,9 +90,8 @@ pub enum ConfigError {
 
     /// A flag in `args` is not in the plugin's `args_allowlist`.
     #[error(
-        "args[{index}] {arg:?} is not in the plugin's args_allowlist {allowlist:?}: \
-         remove it or ask the operator to allow it"
-    )]
+        "args[{index}] {} is not in the plugin's args_allowlist {}: \
+         remove it or ask the operator to allow it", echo(.arg), echo(.allowlist))]
     ArgNotAllowed {
         /// Position in `args`.
         index: usize,
@@ -90,9 +104,8 @@ pub enum ConfigError {
     /// A non-flag token in `args` does not follow an allowed flag as its value. QEMU reads such a
     /// token as a disk image.
     #[error(
-        "args[{index}] {arg:?} is not the value of a flag, and QEMU would attach it as a disk: \
-         with args_allowlist set, every value must directly follow its flag"
-    )]
+        "args[{index}] {} is not the value of a flag, and QEMU would attach it as a disk: \
+         with args_allowlist set, every value must directly follow its flag", echo(.arg))]
     PositionalArg {
         /// Position in `args`.
         index: usize,
@@ -102,9 +115,8 @@ pub enum ConfigError {
 
     /// A value in `args` names a host path outside the allowed dirs.
     #[error(
-        "args[{index}] {arg:?} refers to {path:?}, which is outside the allowed dirs {allowed:?}: \
-         move the file into the allocation dir or add its dir to the plugin's image_paths"
-    )]
+        "args[{index}] {} refers to {}, which is outside the allowed dirs {}: \
+         move the file into the allocation dir or add its dir to the plugin's image_paths", echo(.arg), echo(.path), echo(.allowed))]
     ArgPathNotAllowed {
         /// Position in `args`.
         index: usize,
@@ -116,15 +128,122 @@ pub enum ConfigError {
         allowed: Vec<PathBuf>,
     },
 
+    /// `image_path` resolves to something QEMU cannot use as a disk, such as a directory or FIFO.
+    #[error(
+        "image_path {} resolves to {}, which is {kind}: point image_path at a disk image file \
+         or a block device",
+        echo(.path), echo(.resolved)
+    )]
+    ImageNotAFile {
+        /// The value as given.
+        path: String,
+        /// The path after resolving symlinks.
+        resolved: PathBuf,
+        /// What the path is, like "a directory".
+        kind: &'static str,
+    },
+
+    /// A file in the image's backing chain (a backing file or a qcow2 data file) lies outside
+    /// the allowed dirs or cannot be resolved.
+    #[error(
+        "image_path {} refers to {} {} (resolved to {}), which is outside the allowed dirs {}: \
+         move that file into the allocation dir, add its dir to the plugin's image_paths, \
+         or make the image standalone with qemu-img convert",
+        echo(.path), .key, echo(.file), echo(.resolved), echo(.allowed)
+    )]
+    BackingFileNotAllowed {
+        /// The value as given.
+        path: String,
+        /// The `qemu-img info` key that names the file, like `backing-filename`.
+        key: String,
+        /// The file name as `qemu-img info` reported it.
+        file: String,
+        /// The path after resolving symlinks, or as far as it could be resolved.
+        resolved: PathBuf,
+        /// The allowed dirs after resolving symlinks.
+        allowed: Vec<PathBuf>,
+    },
+
+    /// `qemu-img` is not installed, so the image's backing chain cannot be checked.
+    #[error(
+        "qemu-img is needed to check the backing files of image_path {}, but it cannot be run: \
+         install it (Debian: apt-get install qemu-utils)",
+        echo(.path)
+    )]
+    QemuImgMissing {
+        /// The value as given.
+        path: String,
+        /// The error from running it.
+        #[source]
+        source: io::Error,
+    },
+
+    /// `qemu-img info` failed, timed out or printed something unexpected.
+    #[error(
+        "qemu-img info on image_path {} failed: {}: check that the image is a readable disk image",
+        echo(.path), echo(.detail)
+    )]
+    QemuImgFailed {
+        /// The value as given.
+        path: String,
+        /// What went wrong, with qemu-img's message when there is one.
+        detail: String,
+    },
+
+    /// `qemu-img info` did not finish in time.
+    #[error(
+        "qemu-img info on image_path {} did not finish within {after:?} and was killed: \
+         check that the image is a local file and not on a hung mount",
+        echo(.path)
+    )]
+    QemuImgTimedOut {
+        /// The value as given.
+        path: String,
+        /// The time limit.
+        after: Duration,
+    },
+
+    /// A value in `args` uses QEMU's JSON syntax but does not parse, so its paths cannot be
+    /// checked.
+    #[error(
+        "args[{index}] {} looks like JSON but does not parse: \
+         fix its syntax, since with args_allowlist set every JSON value is checked for host paths",
+        echo(.arg)
+    )]
+    ArgInvalidJson {
+        /// Position in `args`.
+        index: usize,
+        /// The token.
+        arg: String,
+        /// The parser's error.
+        #[source]
+        source: serde_json::Error,
+    },
+
+    /// A token in `args` is refused even though its flag is allowlisted, because it can run host
+    /// programs or load host code.
+    #[error(
+        "args[{index}] {} is refused with args_allowlist set, because {reason}: remove it",
+        echo(.arg)
+    )]
+    ArgDenied {
+        /// Position in `args`.
+        index: usize,
+        /// The token.
+        arg: String,
+        /// Why it is refused.
+        reason: &'static str,
+    },
+
     /// An `image_paths` entry in the plugin config is relative.
-    #[error("plugin image_paths entry {dir:?} is relative: use an absolute path")]
+    #[error("plugin image_paths entry {} is relative: use an absolute path", echo(.dir))]
     RelativeImagePathsEntry {
         /// The entry as given.
         dir: PathBuf,
     },
 
     /// An `args_allowlist` entry in the plugin config is not a flag.
-    #[error("plugin args_allowlist entry {entry:?} is not a flag: list flags with their leading '-', like \"-device\"")]
+    #[error("plugin args_allowlist entry {} is not a flag: list flags with their leading '-', like \"-device\"", echo(.entry))]
     AllowlistEntryNotFlag {
         /// The entry as given.
         entry: String,
@@ -159,9 +278,8 @@ pub enum ConfigError {
 
     /// A `port_map` label is not a port of the task's network.
     #[error(
-        "port_map label {label:?} is not a port of this task: use one of {known:?}, \
-         or add a port with that label to the group's network block"
-    )]
+        "port_map label {} is not a port of this task: use one of {}, \
+         or add a port with that label to the group's network block", echo(.label), echo(.known))]
     UnknownPortLabel {
         /// The label.
         label: String,
@@ -170,7 +288,7 @@ pub enum ConfigError {
     },
 
     /// A DNS server address from Nomad does not parse.
-    #[error("DNS server {value:?} is not an IP address: fix the group's network dns block")]
+    #[error("DNS server {} is not an IP address: fix the group's network dns block", echo(.value))]
     InvalidDnsServer {
         /// The value as received.
         value: String,
@@ -178,9 +296,8 @@ pub enum ConfigError {
 
     /// A unix socket path is too long for `sun_path`.
     #[error(
-        "socket path {path:?} is {len} bytes long, but unix socket paths must be shorter than 108 bytes: \
-         shorten the client's alloc_dir or the task name"
-    )]
+        "socket path {} is {len} bytes long, but unix socket paths must be shorter than 108 bytes: \
+         shorten the client's alloc_dir or the task name", echo(.path))]
     SocketPathTooLong {
         /// The socket path.
         path: PathBuf,

@@ -614,6 +614,115 @@ fn args_allows_paths_in_image_paths() {
     check(&alloc, &plugin, &["-drive", &value]).expect("valid");
 }
 
+#[test]
+fn args_rejects_json_escaped_paths() {
+    let alloc = Alloc::new();
+    let plugin = allowlist(&["-device", "-drive", "-blockdev"]);
+    let cases: &[&[&str]] = &[
+        &[
+            "-device",
+            r#"{"driver":"loader","file":"\/etc\/shadow","addr":16777216}"#,
+        ],
+        &[
+            "-device",
+            r#"{"driver":"loader","file":"\u002fetc\u002fshadow"}"#,
+        ],
+        &[
+            "-blockdev",
+            r#"{"driver":"raw","file":{"driver":"file","filename":"\/etc\/x"}}"#,
+        ],
+        &[
+            "-drive",
+            r#"file=json:{"file.driver":"file",,"file.filename":"\/etc\/shadow"},if=virtio"#,
+        ],
+        &[
+            "-drive",
+            r#"file=json:{"file.filename":"\u002fetc\u002fshadow"}"#,
+        ],
+    ];
+    for args in cases {
+        let error = check(&alloc, &plugin, args).expect_err("reject");
+        let ConfigError::ArgPathNotAllowed { index: 1, path, .. } = &error else {
+            panic!("{args:?}: wrong error: {error}");
+        };
+        assert!(path.starts_with("/etc"), "{args:?}: {error}");
+    }
+}
+
+#[test]
+fn args_allows_json_inside() {
+    let alloc = Alloc::new();
+    let plugin = allowlist(&["-device", "-drive"]);
+    check(
+        &alloc,
+        &plugin,
+        &[
+            "-device",
+            r#"{"driver":"virtio-rng-pci","max-bytes":1024}"#,
+            "-drive",
+            r#"file=json:{"file.driver":"file",,"file.filename":"local\/linux.img"},if=virtio"#,
+        ],
+    )
+    .expect("valid");
+}
+
+#[test]
+fn args_rejects_broken_json() {
+    let alloc = Alloc::new();
+    let plugin = allowlist(&["-device", "-drive"]);
+    let cases: &[&[&str]] = &[
+        &["-device", r#"{"driver":"loader","file":"\/etc"#],
+        &["-drive", r#"file=json:{"file.filename":"\/etc\/x""#],
+    ];
+    for args in cases {
+        let error = check(&alloc, &plugin, args).expect_err("reject");
+        assert!(
+            matches!(error, ConfigError::ArgInvalidJson { index: 1, .. }),
+            "{args:?}: {error}"
+        );
+    }
+}
+
+#[test]
+fn args_denies_host_programs() {
+    let alloc = Alloc::new();
+    let plugin = allowlist(&[
+        "-incoming",
+        "-chardev",
+        "-netdev",
+        "-readconfig",
+        "-L",
+        "-plugin",
+        "-device",
+    ]);
+    let cases: &[&[&str]] = &[
+        &["-incoming", "exec:id>pwned;hostname>>pwned"],
+        &["-chardev", "pipe,id=c0,path=x,exec:sh"],
+        &["-netdev", "tap,id=n0,script=up.sh"],
+        &["-netdev", "tap,id=n0,script=no,downscript=local/down.sh"],
+        &["-netdev", "bridge,id=n0,br=br0,helper=local/helper"],
+        &["-netdev", r#"{"type":"tap","id":"n0","script":"up.sh"}"#],
+        &["-device", r#"{"driver":"x","id":"ex\u0065c:sh"}"#],
+        &["-readconfig", "local/qemu.cfg"],
+        &["--readconfig", "local/qemu.cfg"],
+        &["-L", "local"],
+        &["-plugin", "local/lib.so"],
+    ];
+    for args in cases {
+        let error = check(&alloc, &plugin, args).expect_err("reject");
+        assert!(
+            matches!(error, ConfigError::ArgDenied { .. }),
+            "{args:?}: {error}"
+        );
+    }
+    check(
+        &alloc,
+        &plugin,
+        &["-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no"],
+    )
+    .expect("tap without scripts");
+}
+
 // The command line.
 
 #[test]
