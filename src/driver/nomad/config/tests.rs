@@ -426,6 +426,128 @@ fn validate_rejects_dotdot_escape() {
     );
 }
 
+/// Runs `qemu-img` with `args`, failing with the install command when it is missing.
+fn qemu_img(args: &[&str]) {
+    let status = std::process::Command::new("qemu-img")
+        .args(args)
+        .status()
+        .expect("run qemu-img (Debian: apt-get install qemu-utils)");
+    assert!(status.success(), "qemu-img {args:?}: {status}");
+}
+
+#[test]
+fn validate_rejects_non_file_image() {
+    let alloc = Alloc::new();
+    let local = alloc.dirs.task_dir.join("local");
+    fs::create_dir(local.join("dir.img")).expect("create dir");
+    let fifo = local.join("fifo.img");
+    let status = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("run mkfifo");
+    assert!(status.success(), "mkfifo: {status}");
+    let _socket =
+        std::os::unix::net::UnixListener::bind(local.join("sock.img")).expect("bind socket");
+
+    for (name, kind) in [
+        ("local/dir.img", "a directory"),
+        ("local/fifo.img", "a FIFO"),
+        ("local/sock.img", "a socket"),
+    ] {
+        let config = config_with(&[("image_path", Value::from(name))]);
+        let error = validate(config, &PluginConfig::default(), &alloc.dirs).expect_err("reject");
+        assert!(
+            matches!(&error, ConfigError::ImageNotAFile { kind: found, .. } if *found == kind),
+            "{name}: {error}"
+        );
+        assert!(error.to_string().contains(name), "{error}");
+    }
+}
+
+#[test]
+fn validate_rejects_backing_outside() {
+    let alloc = Alloc::new();
+    let secret = alloc.outside().join("shared.img");
+    let overlay = alloc.dirs.task_dir.join("local/overlay.qcow2");
+    let secret_text = secret.to_str().expect("UTF-8");
+    let overlay_text = overlay.to_str().expect("UTF-8");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-F",
+        "raw",
+        "-b",
+        secret_text,
+        overlay_text,
+    ]);
+
+    let config = config_with(&[("image_path", Value::from("local/overlay.qcow2"))]);
+    let error = validate(config, &PluginConfig::default(), &alloc.dirs).expect_err("reject");
+    let ConfigError::BackingFileNotAllowed { key, resolved, .. } = &error else {
+        panic!("wrong error: {error}");
+    };
+    assert!(key.contains("backing-filename"), "{error}");
+    assert_eq!(resolved, &secret.canonicalize().expect("exists"));
+
+    // The same overlay passes once the backing file's dir is allowed.
+    let plugin = PluginConfig {
+        image_paths: vec![alloc.outside()],
+        ..PluginConfig::default()
+    };
+    let config = config_with(&[("image_path", Value::from("local/overlay.qcow2"))]);
+    validate(config, &plugin, &alloc.dirs).expect("backing file in image_paths");
+}
+
+#[test]
+fn validate_rejects_relative_backing_escape() {
+    let alloc = Alloc::new();
+    alloc.outside();
+    let local = alloc.dirs.task_dir.join("local");
+    let base = local.join("base.raw");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "raw",
+        base.to_str().expect("UTF-8"),
+        "1M",
+    ]);
+    let overlay = local.join("overlay.qcow2");
+    let overlay_text = overlay.to_str().expect("UTF-8");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-F",
+        "raw",
+        "-b",
+        "base.raw",
+        overlay_text,
+    ]);
+    let config = config_with(&[("image_path", Value::from("local/overlay.qcow2"))]);
+    validate(config, &PluginConfig::default(), &alloc.dirs).expect("relative backing inside");
+
+    qemu_img(&[
+        "rebase",
+        "-q",
+        "-u",
+        "-F",
+        "raw",
+        "-b",
+        "../../../images/shared.img",
+        overlay_text,
+    ]);
+    let config = config_with(&[("image_path", Value::from("local/overlay.qcow2"))]);
+    let error = validate(config, &PluginConfig::default(), &alloc.dirs).expect_err("reject");
+    assert!(
+        matches!(error, ConfigError::BackingFileNotAllowed { .. }),
+        "{error}"
+    );
+}
+
 #[test]
 fn validate_emulator_allowlist() {
     let alloc = Alloc::new();

@@ -77,6 +77,9 @@ enum StartError {
     #[error("port {label:?} has the invalid value {value}: expected 1 to 65535")]
     InvalidPort { label: String, value: i32 },
 
+    #[error("checking the task config stopped unexpectedly")]
+    PrepareAborted(#[source] tokio::task::JoinError),
+
     #[error("failed to place QEMU in the task's cgroups")]
     Cgroup(#[from] CgroupError),
 
@@ -189,7 +192,13 @@ impl DriverService {
             source: Box::new(error),
         };
         let settings = self.state.settings();
-        let prepared = prepare(&config, &settings.plugin, self.kvm.current()).map_err(failed)?;
+        // Validation runs qemu-img on the image, which may take a few seconds.
+        let (task_config, plugin, kvm) =
+            (config.clone(), settings.plugin.clone(), self.kvm.current());
+        let prepared = tokio::task::spawn_blocking(move || prepare(&task_config, &plugin, kvm))
+            .await
+            .map_err(|error| failed(StartError::PrepareAborted(error)))?
+            .map_err(failed)?;
 
         let target = EventTarget::of(&config);
         self.events
