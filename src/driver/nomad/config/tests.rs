@@ -190,12 +190,16 @@ fn decode_port_map_merges_list_of_maps() {
 
 #[test]
 fn decode_rejects_bad_port() {
-    for port in [Value::from(0), Value::from(70000)] {
+    for port in [Value::from(0), Value::from(70000), Value::from(-1)] {
         let port_map = Value::Array(vec![Value::Map(vec![(Value::from("ssh"), port.clone())])]);
         let error =
             TaskConfig::from_value(&task_value(&[("port_map", port_map)])).expect_err("reject");
         assert!(
             error.to_string().contains("port_map.ssh"),
+            "{port:?}: {error}"
+        );
+        assert!(
+            error.to_string().contains("from 1 to 65535"),
             "{port:?}: {error}"
         );
     }
@@ -253,6 +257,31 @@ fn decode_rejects_truncated_bytes() {
     let bytes = encode(&task_value(&[("image_path", Value::from("a.img"))]));
     let error = TaskConfig::decode(&bytes[..bytes.len() - 2]).expect_err("reject");
     assert!(matches!(error, DecodeError::Msgpack { .. }), "{error}");
+}
+
+#[test]
+fn decode_rejects_garbage_bytes() {
+    let error = TaskConfig::decode(&[0xc1, 0xff, 0x00]).expect_err("reject");
+    assert!(matches!(error, DecodeError::Garbage { .. }), "{error}");
+    assert!(error.to_string().contains("0xc1"), "{error}");
+
+    let mut bytes = encode(&task_value(&[("image_path", Value::from("a.img"))]));
+    bytes.extend([0x00, 0x01]);
+    let error = TaskConfig::decode(&bytes).expect_err("reject");
+    assert!(error.to_string().contains("2 of its"), "{error}");
+    let error = PluginConfig::decode(&[0xc0, 0xc0]).expect_err("reject");
+    assert!(matches!(error, DecodeError::Garbage { .. }), "{error}");
+}
+
+#[test]
+fn errors_cut_long_values() {
+    let alloc = Alloc::new();
+    let long = "x".repeat(100_000);
+    let config = config_with(&[("image_path", Value::from(long.as_str()))]);
+    let error = validate(config, &PluginConfig::default(), &alloc.dirs).expect_err("reject");
+    let message = error.to_string();
+    assert!(message.len() < 2_000, "{} bytes", message.len());
+    assert!(message.contains("100002 characters, cut"), "{message}");
 }
 
 #[test]

@@ -8,6 +8,8 @@ use std::collections::BTreeMap;
 
 use rmpv::Value;
 
+use super::error::echo;
+
 /// Errors from decoding a config value. Each names the key and what was expected.
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
@@ -19,6 +21,14 @@ pub enum DecodeError {
         /// The decoder's error.
         #[source]
         source: rmpv::decode::Error,
+    },
+    /// The bytes hold something besides one MessagePack value.
+    #[error("invalid MessagePack in {what}: {problem}")]
+    Garbage {
+        /// Name of the config being decoded.
+        what: &'static str,
+        /// What is wrong, in words.
+        problem: String,
     },
     /// The root value is not a map.
     #[error("{what} must be a map of options, found {found}")]
@@ -39,7 +49,7 @@ pub enum DecodeError {
         found: &'static str,
     },
     /// A number is not an integer in the allowed range.
-    #[error("option {key} = {value} is invalid: expected {expected}")]
+    #[error("option {key} = {} is invalid: expected {expected}", echo(.value))]
     InvalidNumber {
         /// Option name, with an index or map key for nested values.
         key: String,
@@ -49,7 +59,10 @@ pub enum DecodeError {
         expected: &'static str,
     },
     /// A duration string does not parse.
-    #[error("option {key} = {value:?} is not a duration: use a number with a unit, like \"30s\" or \"2m\"")]
+    #[error(
+        "option {key} = {} is not a duration: use a number with a unit, like \"30s\" or \"2m\"",
+        echo(.value)
+    )]
     InvalidDuration {
         /// Option name.
         key: String,
@@ -61,10 +74,31 @@ pub enum DecodeError {
     },
 }
 
-/// Decodes MessagePack bytes into a value.
+/// MessagePack's one unused marker byte, which the decoder reads as `nil`.
+const RESERVED_MARKER: u8 = 0xc1;
+
+/// Decodes MessagePack bytes that hold exactly one value.
 pub(super) fn read(bytes: &[u8], what: &'static str) -> Result<Value, DecodeError> {
+    if bytes.first() == Some(&RESERVED_MARKER) {
+        return Err(DecodeError::Garbage {
+            what,
+            problem: "it starts with the reserved byte 0xc1".to_owned(),
+        });
+    }
     let mut reader = bytes;
-    rmpv::decode::read_value(&mut reader).map_err(|source| DecodeError::Msgpack { what, source })
+    let value = rmpv::decode::read_value(&mut reader)
+        .map_err(|source| DecodeError::Msgpack { what, source })?;
+    if !reader.is_empty() {
+        return Err(DecodeError::Garbage {
+            what,
+            problem: format!(
+                "{} of its {} bytes follow the value",
+                reader.len(),
+                bytes.len()
+            ),
+        });
+    }
+    Ok(value)
 }
 
 /// The root map of a config, with lookups that treat a missing key and `nil` alike.
@@ -110,7 +144,9 @@ impl<'a> Options<'a> {
     }
 
     pub(super) fn u64(&self, key: &str) -> Result<Option<u64>, DecodeError> {
-        self.get(key).map(|value| as_u64(value, key)).transpose()
+        self.get(key)
+            .map(|value| as_u64(value, key, WHOLE_NUMBER))
+            .transpose()
     }
 
     pub(super) fn duration(&self, key: &str) -> Result<Option<std::time::Duration>, DecodeError> {
@@ -159,14 +195,14 @@ impl<'a> Options<'a> {
             for (label, port) in entries {
                 let label = as_string(label, key)?;
                 let entry_key = format!("{key}.{label}");
-                let number = as_u64(port, &entry_key)?;
+                let number = as_u64(port, &entry_key, PORT_NUMBER)?;
                 let port = u16::try_from(number)
                     .ok()
                     .filter(|port| *port != 0)
                     .ok_or_else(|| DecodeError::InvalidNumber {
                         key: entry_key,
                         value: number.to_string(),
-                        expected: "a port number from 1 to 65535",
+                        expected: PORT_NUMBER,
                     })?;
                 ports.insert(label, port);
             }
@@ -185,12 +221,19 @@ fn as_string(value: &Value, key: &str) -> Result<String, DecodeError> {
     }
 }
 
-/// Reads a non-negative integer from any of the forms cty-msgpack uses for a number.
-fn as_u64(value: &Value, key: &str) -> Result<u64, DecodeError> {
+/// The range of a plain number option, in words.
+const WHOLE_NUMBER: &str = "a whole number from 0 to 2^64-1";
+
+/// The range of a port number, in words.
+const PORT_NUMBER: &str = "a port number from 1 to 65535";
+
+/// Reads a non-negative integer from any of the forms cty-msgpack uses for a number. `expected`
+/// names the allowed range in the error.
+fn as_u64(value: &Value, key: &str, expected: &'static str) -> Result<u64, DecodeError> {
     let invalid = |text: String| DecodeError::InvalidNumber {
         key: key.to_owned(),
         value: text,
-        expected: "a whole number from 0 to 2^64-1",
+        expected,
     };
     match value {
         Value::Integer(number) => number.as_u64().ok_or_else(|| invalid(number.to_string())),
