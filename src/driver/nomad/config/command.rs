@@ -75,7 +75,8 @@ pub struct TaskContext {
 /// layer adds with the fd it binds.
 ///
 /// The flags and their order follow Nomad's built-in qemu driver: `-machine`, `-name` (the
-/// image's file name), `-m`, `-drive`, `-nographic`, the guest agent, `args`, the user-mode
+/// image's file name, as the built-in sets it; StartTask drops this piece, because the VM layer
+/// names every VM with its task id so that recovery can check it), `-m`, `-drive`, `-nographic`, the guest agent, `args`, the user-mode
 /// network, and with the `kvm` accelerator `-cpu host` and `-smp` with the reserved core count.
 /// The network is added when there are forwards or DNS settings. The built-in adds it only for
 /// legacy task-level networks, so `port_map` with group network ports works here and not there.
