@@ -218,7 +218,18 @@ impl DriverService {
 
         let started_at = SystemTime::now();
         let started = Instant::now();
-        let vm = match Vm::start(spec).await {
+        // The VM outlives this RPC, so its span must not sit under the StartTask span: later
+        // stop and exit logs would carry `rpc=.../StartTask`. It gets a root span of its own,
+        // linked to this one.
+        let vm_span = tracing::info_span!(
+            parent: None,
+            "task",
+            task_id = %config.id,
+            alloc_id = %config.alloc_id,
+            task = %config.name,
+        );
+        vm_span.follows_from(tracing::Span::current());
+        let vm = match Vm::start(spec).instrument(vm_span).await {
             Ok(vm) => vm,
             Err(error) => {
                 cgroup::cleanup(&cgroups).await;
