@@ -1,9 +1,11 @@
 //! StartTask: from Nomad's TaskConfig to a running VM and the task handle.
 
 use std::collections::HashSet;
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use tracing::Instrument;
 
@@ -25,6 +27,19 @@ use super::DriverService;
 
 /// Target of QEMU's stdout and stderr when Nomad passes no log path.
 const NULL_DEVICE: &str = "/dev/null";
+
+/// How long a start error waits for logmon to write QEMU's last stderr lines to its file.
+/// logmon flushes every 100 ms.
+const LOGMON_FLUSH_WAIT: Duration = Duration::from_millis(300);
+
+/// Interval at which logmon's file is checked while waiting for it.
+const LOGMON_POLL: Duration = Duration::from_millis(50);
+
+/// Number of stderr lines a start error carries.
+const STDERR_TAIL_LINES: usize = 20;
+
+/// Maximum bytes of logmon's file read back for a start error.
+const STDERR_TAIL_BYTES: u64 = 4 * 1024;
 
 /// The KVM device QEMU opens for `accelerator = "kvm"`.
 const KVM_DEVICE: &str = "/dev/kvm";
@@ -229,10 +244,14 @@ impl DriverService {
             task = %config.name,
         );
         vm_span.follows_from(tracing::Span::current());
+        let logmon = LogmonStderr::before_start(&config);
         let vm = match Vm::start(spec).instrument(vm_span).await {
             Ok(vm) => vm,
-            Err(error) => {
+            Err(mut error) => {
                 cgroup::cleanup(&cgroups).await;
+                if let Some(logmon) = logmon {
+                    logmon.fill_in(&mut error, &config).await;
+                }
                 return Err(failed(StartError::Vm(error)));
             }
         };
@@ -274,6 +293,96 @@ impl DriverService {
         );
         tracing::info!(pid, ready_ms, "VM running");
         Ok(response(&task))
+    }
+}
+
+/// QEMU's stderr as Nomad's logmon stores it, for start errors. Nomad hands the driver a FIFO,
+/// whose content cannot be read back, and logmon copies it to the rotated files
+/// `<alloc_dir>/alloc/logs/<task>.stderr.<N>`.
+struct LogmonStderr {
+    dir: PathBuf,
+    prefix: String,
+    /// The newest file and its length before QEMU started, so that older lines are skipped.
+    before: Option<(PathBuf, u64)>,
+}
+
+impl LogmonStderr {
+    /// Notes where logmon's file ends now. `None` when the task's stderr is not a FIFO.
+    fn before_start(config: &TaskConfig) -> Option<Self> {
+        let meta = std::fs::metadata(&config.stderr_path).ok()?;
+        if !meta.file_type().is_fifo() {
+            return None;
+        }
+        let mut logmon = Self {
+            dir: Path::new(&config.alloc_dir).join("alloc").join("logs"),
+            prefix: format!("{}.stderr.", config.name),
+            before: None,
+        };
+        logmon.before = logmon.newest().and_then(|path| {
+            let len = std::fs::metadata(&path).ok()?.len();
+            Some((path, len))
+        });
+        Some(logmon)
+    }
+
+    /// Replaces the "cannot be read back" note of a start error with the lines logmon wrote,
+    /// or with the command that shows them.
+    async fn fill_in(&self, error: &mut VmError, config: &TaskConfig) {
+        let (VmError::ExitedDuringStart { stderr_tail, .. }
+        | VmError::StartTimedOut { stderr_tail, .. }) = error
+        else {
+            return;
+        };
+        let deadline = Instant::now() + LOGMON_FLUSH_WAIT;
+        loop {
+            if let Some(text) = self.read_new().filter(|text| !text.trim().is_empty()) {
+                *stderr_tail = text;
+                return;
+            }
+            if Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(LOGMON_POLL).await;
+        }
+        *stderr_tail = format!(
+            "(not found in {}; run: nomad alloc logs -stderr {} {})",
+            self.dir.display(),
+            config.alloc_id,
+            config.name
+        );
+    }
+
+    /// Returns the newest rotated file, the one with the highest index.
+    fn newest(&self) -> Option<PathBuf> {
+        std::fs::read_dir(&self.dir)
+            .ok()?
+            .filter_map(Result::ok)
+            .filter_map(|entry| {
+                let name = entry.file_name();
+                let index: u64 = name.to_str()?.strip_prefix(&self.prefix)?.parse().ok()?;
+                Some((index, entry.path()))
+            })
+            .max_by_key(|(index, _)| *index)
+            .map(|(_, path)| path)
+    }
+
+    /// Returns the last lines written since QEMU started.
+    fn read_new(&self) -> Option<String> {
+        let path = self.newest()?;
+        let offset = match &self.before {
+            Some((before, len)) if *before == path => *len,
+            _ => 0,
+        };
+        let mut file = std::fs::File::open(&path).ok()?;
+        let end = file.metadata().ok()?.len();
+        let start = offset.max(end.saturating_sub(STDERR_TAIL_BYTES));
+        file.seek(SeekFrom::Start(start)).ok()?;
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes).ok()?;
+        let text = String::from_utf8_lossy(&bytes);
+        let lines: Vec<&str> = text.lines().collect();
+        let first = lines.len().saturating_sub(STDERR_TAIL_LINES);
+        Some(lines[first..].join("\n"))
     }
 }
 
@@ -620,6 +729,59 @@ mod tests {
         assert!(timed_out.recoverable());
         assert!(!StartError::Config(ConfigError::MissingImagePath).recoverable());
         assert!(!StartError::UnknownUser { user: "x".into() }.recoverable());
+    }
+
+    fn timed_out() -> VmError {
+        VmError::StartTimedOut {
+            after: std::time::Duration::from_secs(1),
+            stderr_tail: "(stderr goes to the FIFO)".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn logmon_tail_after_start() {
+        let root = tempfile::tempdir().expect("create temp dir");
+        let logs = root.path().join("alloc/logs");
+        std::fs::create_dir_all(&logs).expect("create logs dir");
+        let fifo = logs.join(".t.stderr.fifo");
+        let status = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .expect("run mkfifo");
+        assert!(status.success(), "mkfifo: {status}");
+        std::fs::write(logs.join("t.stderr.0"), "old run\n").expect("write log");
+        let config = TaskConfig {
+            name: "t".into(),
+            alloc_id: "a1".into(),
+            alloc_dir: root.path().to_str().expect("UTF-8").into(),
+            stderr_path: fifo.to_str().expect("UTF-8").into(),
+            ..TaskConfig::default()
+        };
+
+        let logmon = LogmonStderr::before_start(&config).expect("stderr is a FIFO");
+        let mut error = timed_out();
+        logmon.fill_in(&mut error, &config).await;
+        assert!(
+            error.to_string().contains("nomad alloc logs -stderr a1 t"),
+            "{error}"
+        );
+
+        std::fs::write(logs.join("t.stderr.0"), "old run\nbad smp\n").expect("write log");
+        std::fs::write(logs.join("t.stderr.1"), "qemu: invalid -smp abc\n").expect("write log");
+        let mut error = timed_out();
+        logmon.fill_in(&mut error, &config).await;
+        let VmError::StartTimedOut { stderr_tail, .. } = &error else {
+            panic!("wrong error: {error}");
+        };
+        assert_eq!(stderr_tail, "qemu: invalid -smp abc");
+
+        std::fs::remove_file(logs.join("t.stderr.1")).expect("remove log");
+        let mut error = timed_out();
+        logmon.fill_in(&mut error, &config).await;
+        let VmError::StartTimedOut { stderr_tail, .. } = &error else {
+            panic!("wrong error: {error}");
+        };
+        assert_eq!(stderr_tail, "bad smp");
     }
 
     #[test]
