@@ -24,7 +24,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Boot one VM in the foreground, print its state changes and stats, stop it gracefully
-    /// on Ctrl-C or SIGTERM.
+    /// on Ctrl-C, SIGTERM, SIGHUP or SIGQUIT.
     Run(Box<run::RunArgs>),
     /// Send one QMP command to a running VM's QMP socket and print the reply.
     Qmp(qmp::QmpArgs),

@@ -2,8 +2,10 @@
 //!
 //! Options are named like the Nomad task config of the `qemu` driver. QEMU's serial console
 //! (stdout) and stderr go to files in the run directory. `run` prints the console file as it
-//! grows, along with each state change, stop step and periodic stats sample.
+//! grows, along with each state change, stop step and periodic stats sample. Control
+//! characters in console lines and QMP error texts are escaped before printing.
 
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -15,6 +17,8 @@ use tokio_util::sync::CancellationToken;
 use crate::driver::vm::argv::{DirectKernel, Drive, Machine, Memory, Piece, QemuCommandLine};
 use crate::driver::vm::{sys, Vm, VmEvent, VmSpec, VmStats, DEFAULT_START_TIMEOUT};
 
+use super::escape_control;
+
 /// Maximum wait for the last console lines after the VM exited.
 const CONSOLE_DRAIN_WAIT: Duration = Duration::from_secs(1);
 
@@ -23,6 +27,12 @@ const CONSOLE_POLL: Duration = Duration::from_millis(100);
 
 /// Deadline of one stats sample.
 const STATS_DEADLINE: Duration = Duration::from_secs(1);
+
+/// Maximum of the options given in seconds: one day.
+const MAX_SECONDS: u64 = 24 * 60 * 60;
+
+/// Maximum guest RAM in MiB: 16 TiB.
+const MAX_MEMORY_MIB: u64 = 16 * 1024 * 1024;
 
 /// Options of `run`.
 #[derive(Debug, clap::Args)]
@@ -40,8 +50,8 @@ pub struct RunArgs {
     #[arg(long, default_value = "pc")]
     pub machine_type: String,
 
-    /// Guest RAM in MiB.
-    #[arg(long, default_value_t = 512)]
+    /// Guest RAM in MiB (1 to 16777216, which is 16 TiB).
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..=MAX_MEMORY_MIB))]
     pub memory: u64,
 
     /// Extra QEMU argument, appended as given. Repeat for several, e.g. `--args=-smp --args=2`.
@@ -60,8 +70,9 @@ pub struct RunArgs {
     #[arg(long, requires = "kernel")]
     pub append: Option<String>,
 
-    /// Seconds the guest gets to power off after Ctrl-C or SIGTERM before it is forced off.
-    #[arg(long, default_value_t = 30)]
+    /// Seconds the guest gets to power off after Ctrl-C, SIGTERM, SIGHUP or SIGQUIT before it
+    /// is forced off (0 to 86400).
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=MAX_SECONDS))]
     pub shutdown_timeout: u64,
 
     /// Signal sent to QEMU when `quit` did not end it in time.
@@ -81,16 +92,17 @@ pub struct RunArgs {
     #[arg(long, default_value = "qemu-system-x86_64")]
     pub emulator: PathBuf,
 
-    /// Seconds between printed stats samples; 0 prints none.
-    #[arg(long, default_value_t = 10)]
+    /// Seconds between printed stats samples (0 to 86400); 0 prints none.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(0..=MAX_SECONDS))]
     pub stats_interval: u64,
 
-    /// Seconds QEMU gets to complete the QMP handshake after spawn.
-    #[arg(long, default_value_t = DEFAULT_START_TIMEOUT.as_secs())]
+    /// Seconds QEMU gets to complete the QMP handshake after spawn (1 to 86400).
+    #[arg(long, default_value_t = DEFAULT_START_TIMEOUT.as_secs(), value_parser = clap::value_parser!(u64).range(1..=MAX_SECONDS))]
     pub start_timeout: u64,
 }
 
-/// Runs `run`: boots the VM, prints what happens, and stops it gracefully on Ctrl-C or SIGTERM.
+/// Runs `run`: boots the VM, prints what happens, and stops it gracefully on Ctrl-C, SIGTERM,
+/// SIGHUP or SIGQUIT.
 pub fn main(args: RunArgs) -> anyhow::Result<()> {
     init_tracing();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -108,6 +120,7 @@ fn init_tracing() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .try_init();
 }
 
@@ -126,10 +139,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     // Installed before the start, so that a signal during boot stops the VM gracefully rather
     // than ending this process and leaving QEMU running.
-    let mut signals = StopSignals {
-        terminate: signal(SignalKind::terminate()).context("failed to handle SIGTERM")?,
-        interrupt: signal(SignalKind::interrupt()).context("failed to handle SIGINT")?,
-    };
+    let mut signals = StopSignals::install()?;
     let vm = Vm::start(spec).await.context("failed to start the VM")?;
     println!("state: {} (pid {})", vm.state(), vm.pid());
     let mut events = vm.events();
@@ -152,13 +162,41 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     exit
 }
 
-/// The signals that make `run` stop the VM: SIGTERM and SIGINT (Ctrl-C).
+/// The signals that make `run` stop the VM: SIGTERM, SIGINT (Ctrl-C), SIGHUP (the terminal
+/// closed) and SIGQUIT (Ctrl-\\). Their default action would end `run` and leave QEMU running.
 struct StopSignals {
     terminate: Signal,
     interrupt: Signal,
+    hangup: Signal,
+    quit: Signal,
 }
 
-/// Prints events and stats until the VM exits, or stops it gracefully on SIGTERM or Ctrl-C.
+impl StopSignals {
+    fn install() -> anyhow::Result<StopSignals> {
+        let handle = |kind: SignalKind, name: &str| {
+            signal(kind).with_context(|| format!("failed to handle {name}"))
+        };
+        Ok(StopSignals {
+            terminate: handle(SignalKind::terminate(), "SIGTERM")?,
+            interrupt: handle(SignalKind::interrupt(), "SIGINT")?,
+            hangup: handle(SignalKind::hangup(), "SIGHUP")?,
+            quit: handle(SignalKind::quit(), "SIGQUIT")?,
+        })
+    }
+
+    /// Waits for the next of the signals and returns its name.
+    async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.terminate.recv() => "SIGTERM",
+            _ = self.interrupt.recv() => "SIGINT",
+            _ = self.hangup.recv() => "SIGHUP",
+            _ = self.quit.recv() => "SIGQUIT",
+        }
+    }
+}
+
+/// Prints events and stats until the VM exits, or stops it gracefully on one of the
+/// [`StopSignals`].
 async fn supervise(
     vm: &Vm,
     args: &RunArgs,
@@ -170,10 +208,13 @@ async fn supervise(
 
     let mut stats_tick = (args.stats_interval > 0).then(|| {
         let period = Duration::from_secs(args.stats_interval);
-        tokio::time::interval_at(tokio::time::Instant::now() + period, period)
+        tokio::time::interval_at(
+            crate::driver::vm::deadline_after(tokio::time::Instant::now(), period),
+            period,
+        )
     });
 
-    loop {
+    let received = loop {
         tokio::select! {
             event = events.recv() => match event {
                 Ok(VmEvent::Exited(exit)) => {
@@ -184,18 +225,21 @@ async fn supervise(
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
                     println!("event: {missed} events missed");
                 }
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => break None,
             },
-            _ = signals.terminate.recv() => break,
-            _ = signals.interrupt.recv() => break,
+            name = signals.recv() => break Some(name),
             _ = async { stats_tick.as_mut().expect("guarded by the if").tick().await }, if stats_tick.is_some() => {
                 print_stats(&vm.stats(STATS_DEADLINE).await);
             }
         }
-    }
+    };
 
+    let cause = received.map_or_else(
+        || "event stream closed".to_owned(),
+        |name| format!("received {name}"),
+    );
     println!(
-        "stopping: graceful power-off, up to {}s",
+        "stopping ({cause}): graceful power-off, up to {}s",
         args.shutdown_timeout
     );
     let stopping = vm.stop(timeout, signal_number);
@@ -217,9 +261,6 @@ async fn supervise(
 fn build_spec(args: &RunArgs) -> anyhow::Result<VmSpec> {
     if args.image_path.is_none() && args.kernel.is_none() {
         bail!("nothing to boot: pass --image-path or --kernel");
-    }
-    if args.memory == 0 {
-        bail!("invalid --memory 0; give the guest RAM in MiB, such as 512");
     }
     let pid = std::process::id();
     let dir = match &args.dir {
@@ -272,7 +313,9 @@ fn print_event(event: &VmEvent) {
         VmEvent::TimedOut { after } => println!("event: guest did not power off within {after:?}"),
         VmEvent::QuitSent => println!("event: quit sent"),
         VmEvent::SignalSent(signal) => println!("event: sent {}", sys::signal_name(*signal)),
-        VmEvent::StepFailed { step, error } => println!("event: {step} failed: {error}"),
+        VmEvent::StepFailed { step, error } => {
+            println!("event: {step} failed: {}", escape_control(error));
+        }
         VmEvent::QmpClosed => println!("event: QMP connection closed"),
         VmEvent::GuestPanicked => println!("event: guest panicked"),
         VmEvent::Exited(exit) => println!("exited: {exit}"),
@@ -325,7 +368,7 @@ async fn follow(path: &Path, offset: u64, done: &CancellationToken) -> std::io::
         if read == 0 {
             if done.is_cancelled() {
                 if !pending.is_empty() {
-                    println!("console: {}", String::from_utf8_lossy(&pending).trim_end());
+                    print_console_line(&pending);
                 }
                 return Ok(());
             }
@@ -338,8 +381,13 @@ async fn follow(path: &Path, offset: u64, done: &CancellationToken) -> std::io::
         pending.extend_from_slice(&buffer[..read]);
         while let Some(end) = pending.iter().position(|&byte| byte == b'\n') {
             let line: Vec<u8> = pending.drain(..=end).collect();
-            let text = String::from_utf8_lossy(&line);
-            println!("console: {}", text.trim_end());
+            print_console_line(&line);
         }
     }
+}
+
+/// Prints one console line with control characters escaped: the guest controls its bytes.
+fn print_console_line(line: &[u8]) {
+    let text = String::from_utf8_lossy(line);
+    println!("console: {}", escape_control(text.trim_end()));
 }

@@ -404,8 +404,9 @@ async fn run_subcommand_end_to_end() {
     );
     assert!(reply.contains("\"running\""), "{reply}");
 
+    // SIGHUP, as when the operator's terminal closes, stops the VM like SIGTERM does.
     let pid = run.id().expect("run pid");
-    send_signal(pid, Signal::TERM);
+    send_signal(pid, Signal::HUP);
     let rest = async {
         while let Some(line) = lines.next_line().await.expect("read run output") {
             output.push(line);
@@ -413,12 +414,13 @@ async fn run_subcommand_end_to_end() {
     };
     tokio::time::timeout(Duration::from_secs(30), rest)
         .await
-        .expect("run ends after SIGTERM");
+        .expect("run ends after SIGHUP");
     let status = run.wait().await.expect("wait run");
 
     let text = output.join("\n");
     assert!(status.success(), "run failed: {status}\n{text}");
     assert!(text.contains("stats: cpu user"), "{text}");
+    assert!(text.contains("stopping (received SIGHUP)"), "{text}");
     assert!(text.contains("event: system_powerdown sent"), "{text}");
     assert!(text.contains(POWERBUTTON_MARKER), "{text}");
     assert!(
@@ -426,4 +428,29 @@ async fn run_subcommand_end_to_end() {
         "{text}"
     );
     support::assert_no_qemu_named(&name);
+}
+
+#[tokio::test]
+async fn run_rejects_out_of_range() {
+    let binary = env!("CARGO_BIN_EXE_nomad-driver-qemu");
+    let cases = [
+        ("--shutdown-timeout", "18446744073709551615"),
+        ("--stats-interval", "18446744073709551615"),
+        ("--start-timeout", "0"),
+        ("--memory", "0"),
+        ("--memory", "18446744073709551615"),
+    ];
+    for (option, value) in cases {
+        let output = tokio::process::Command::new(binary)
+            .args(["run", "--kernel", "/nonexistent", option, value])
+            .output()
+            .await
+            .expect("run the binary");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{option} {value}: {stderr}");
+        assert!(
+            stderr.contains(&format!("invalid value '{value}' for '{option}")),
+            "{option} {value}: {stderr}"
+        );
+    }
 }

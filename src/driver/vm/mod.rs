@@ -43,6 +43,7 @@ pub use saved::{SavedVm, DEFAULT_REATTACH_TIMEOUT};
 pub use spawn::{VmSpec, DEFAULT_START_TIMEOUT, OPERATOR_SOCKET_NAME, QMP_SOCKET_NAME};
 pub use state::VmState;
 pub use stats::{BlockDeviceStats, GuestStats, HostStats, VcpuStats, VmStats};
+pub(crate) use stop::deadline_after;
 pub use stop::STOP_MARGIN;
 pub use sys::UserIds;
 
