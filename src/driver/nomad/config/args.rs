@@ -20,7 +20,7 @@
 //! in `-device {...}`) or contains the `json:` pseudo-protocol is parsed, and every string in it
 //! is checked like a piece. A value that looks like JSON but does not parse is rejected.
 //!
-//! Some tokens are refused even when their flag is allowlisted, because they run host programs
+//! Some tokens are rejected even when their flag is allowlisted, because they run host programs
 //! or load host code into QEMU no matter where the files lie: the flags in [`DENIED_FLAGS`], any
 //! value containing `exec:` (migration and character devices that run a shell command), and the
 //! `script=`, `downscript=` and `helper=` options of tap and bridge networks.
@@ -39,7 +39,7 @@ const SEPARATORS: &[char] = &[
     ',', '=', ':', '"', '\'', '{', '}', '[', ']', ' ', '\t', '\n', '\r', ';',
 ];
 
-/// Flags refused with an allowlist set, even when listed: `-readconfig` reads options that
+/// Flags rejected with an allowlist set, even when listed: `-readconfig` reads options that
 /// bypass these checks, `-L` points QEMU's firmware search at a host dir, `-plugin` loads a
 /// shared library into QEMU, and `-daemonize` detaches QEMU from the driver.
 const DENIED_FLAGS: &[&str] = &["-readconfig", "-L", "-plugin", "-daemonize"];
@@ -47,7 +47,7 @@ const DENIED_FLAGS: &[&str] = &["-readconfig", "-L", "-plugin", "-daemonize"];
 /// Option keys of tap and bridge networks that name a host program QEMU runs as its own user.
 const PROGRAM_KEYS: &[&str] = &["script", "downscript", "helper"];
 
-/// Why a [`PROGRAM_KEYS`] option is refused.
+/// Reason given when a [`PROGRAM_KEYS`] option is rejected.
 const PROGRAM_REASON: &str = "script=, downscript= and helper= make QEMU run a host program";
 
 /// Marker of QEMU's JSON pseudo-protocol inside an option value, as in `file=json:{...}`.
@@ -68,10 +68,9 @@ pub(super) fn check_args(
     for (index, arg) in args.iter().enumerate() {
         if arg.starts_with('-') {
             // QEMU accepts `--flag` for `-flag`.
-            let flag = if arg.starts_with("--") {
-                &arg[1..]
-            } else {
-                arg.as_str()
+            let flag = match arg.strip_prefix('-') {
+                Some(rest) if rest.starts_with('-') => rest,
+                _ => arg.as_str(),
             };
             if DENIED_FLAGS.contains(&flag) {
                 return Err(ConfigError::ArgDenied {

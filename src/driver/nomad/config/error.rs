@@ -5,7 +5,7 @@ use std::io;
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// Longest echo of a value in an error message, in characters. Longer values are cut, so that
+/// Maximum length of a value echoed in an error message, in characters. Longer values are cut, so that
 /// an error stays readable and fits in a gRPC status header.
 const ECHO_LIMIT: usize = 256;
 
@@ -139,7 +139,7 @@ pub enum ConfigError {
         path: String,
         /// The path after resolving symlinks.
         resolved: PathBuf,
-        /// What the path is, like "a directory".
+        /// The file type found, like "a directory".
         kind: &'static str,
     },
 
@@ -220,10 +220,10 @@ pub enum ConfigError {
         source: serde_json::Error,
     },
 
-    /// A token in `args` is refused even though its flag is allowlisted, because it can run host
+    /// A token in `args` is rejected even though its flag is allowlisted, because it can run host
     /// programs or load host code.
     #[error(
-        "args[{index}] {} is refused with args_allowlist set, because {reason}: remove it",
+        "args[{index}] {} is rejected with args_allowlist set, because {reason}: remove it",
         echo(.arg)
     )]
     ArgDenied {
@@ -231,7 +231,7 @@ pub enum ConfigError {
         index: usize,
         /// The token.
         arg: String,
-        /// Why it is refused.
+        /// Why it is rejected.
         reason: &'static str,
     },
 
