@@ -122,8 +122,22 @@ impl BasePlugin for BaseService {
             emulators_allowlist = ?settings.plugin.emulators_allowlist,
             "plugin configured"
         );
+        warn_missing_image_paths(&settings.plugin);
         self.state.replace_settings(settings);
         Ok(Response::new(SetConfigResponse {}))
+    }
+}
+
+/// Warns about `image_paths` entries that are not existing directories. They are kept, because
+/// a directory may be mounted or created after the agent starts.
+fn warn_missing_image_paths(plugin: &PluginConfig) {
+    for dir in &plugin.image_paths {
+        if !dir.is_dir() {
+            tracing::warn!(
+                image_path = %dir.display(),
+                "image_paths entry is not an existing directory; tasks cannot use images from it until it exists"
+            );
+        }
     }
 }
 
