@@ -352,6 +352,7 @@ async fn tasks_start_stop_graceful() {
         .into_inner();
 
     let task = fixture.guest_task("0a1b2c3d");
+    let _reaper = support::QemuReaper::new(&task.id);
     let handle = start(&mut driver, &task).await;
     assert_eq!(handle.version, 2);
     assert_eq!(
@@ -442,6 +443,7 @@ async fn tasks_recover_after_crash() {
     let first = Plugin::start(&fixture.plugin_log).await;
     first.configure(&fixture.image_dir).await;
     let task = fixture.guest_task("1b2c3d4e");
+    let _reaper = support::QemuReaper::new(&task.id);
     let handle = start(&mut first.driver(), &task).await;
     let pid = handle_pid(&handle);
     support::wait_for_marker(&fixture.console, READY_MARKER, BOOT_LIMIT).await;
@@ -553,6 +555,7 @@ async fn tasks_bad_config_rejected() {
         (bad_type, "graceful_shutdown"),
     ];
     for (task, expected) in cases {
+        let _reaper = support::QemuReaper::new(&task.id);
         let status = driver
             .start_task(StartTaskRequest {
                 task: Some(task.clone()),
@@ -608,5 +611,24 @@ async fn tasks_bad_config_rejected() {
         old_handle.message().contains("built-in qemu driver"),
         "{}",
         old_handle.message()
+    );
+}
+
+#[tokio::test]
+async fn set_config_warns_missing_dir() {
+    let fixture = TaskFixture::new();
+    let plugin = Plugin::start(&fixture.plugin_log).await;
+    let missing = fixture.image_dir.join("not-created");
+    plugin.configure(&missing).await;
+
+    let log = std::fs::read_to_string(&fixture.plugin_log).expect("read the plugin log");
+    let warning = log
+        .lines()
+        .find(|line| line.contains("image_paths entry is not an existing directory"))
+        .unwrap_or_else(|| panic!("no warning for the missing dir in the plugin log:\n{log}"));
+    assert!(warning.contains(r#""@level":"warn""#), "{warning}");
+    assert!(
+        warning.contains(missing.to_str().expect("UTF-8 path")),
+        "{warning}"
     );
 }

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use nomad_driver_qemu::driver::vm::argv::{DirectKernel, Machine, Memory, Piece, QemuCommandLine};
 use nomad_driver_qemu::driver::vm::{VmSpec, DEFAULT_START_TIMEOUT};
+use rustix::process::{Pid, Signal};
 use tokio::sync::{Semaphore, SemaphorePermit};
 
 /// Serial console line the guest prints once its power button handler runs.
@@ -141,10 +142,19 @@ pub fn unique_name(test: &str) -> String {
 /// Asserts that no live QEMU runs with `-name guest=NAME`, so a test notices a QEMU it left
 /// behind. Zombies count as gone.
 pub fn assert_no_qemu_named(name: &str) {
+    let left = qemu_pids_named(name);
+    assert!(
+        left.is_empty(),
+        "QEMU processes left running for VM {name}: {left:?}"
+    );
+}
+
+/// Lists the live processes whose command line contains `-name guest=NAME`.
+fn qemu_pids_named(name: &str) -> Vec<u32> {
     // Arguments in /proc/PID/cmdline end with a NUL byte.
     let needle = format!("guest={name}\0");
     let needle = needle.as_bytes();
-    let mut left = Vec::new();
+    let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc").expect("read /proc").flatten() {
         let Some(pid) = entry
             .file_name()
@@ -158,13 +168,40 @@ pub fn assert_no_qemu_named(name: &str) {
         };
         let mentions = cmdline.windows(needle.len()).any(|window| window == needle);
         if mentions && !is_zombie(pid) {
-            left.push(pid);
+            found.push(pid);
         }
     }
-    assert!(
-        left.is_empty(),
-        "QEMU processes left running for VM {name}: {left:?}"
-    );
+    found
+}
+
+/// Kills, when dropped, every QEMU running with `-name guest=NAME` and its process group, so
+/// that a failing test leaves no guest behind. QEMU runs in its own session, so killing the
+/// process that started it does not end it.
+pub struct QemuReaper {
+    name: String,
+}
+
+impl QemuReaper {
+    /// Creates a reaper for the VM named `name` (the task id under the plugin).
+    pub fn new(name: &str) -> QemuReaper {
+        QemuReaper {
+            name: name.to_owned(),
+        }
+    }
+}
+
+impl Drop for QemuReaper {
+    fn drop(&mut self) {
+        for raw in qemu_pids_named(&self.name) {
+            let Some(pid) = i32::try_from(raw).ok().and_then(Pid::from_raw) else {
+                continue;
+            };
+            // The process may have ended since it was listed, so errors are expected.
+            let _ = rustix::process::kill_process_group(pid, Signal::KILL);
+            let _ = rustix::process::kill_process(pid, Signal::KILL);
+            eprintln!("killed QEMU pid {raw} that VM {} left running", self.name);
+        }
+    }
 }
 
 fn is_zombie(pid: u32) -> bool {
