@@ -3,7 +3,8 @@
 #
 # Phases, all in the release profile:
 #   build        cargo test --all-targets --no-run (a compile error stops here)
-#   unit         unit tests of the library and binary, examples and benches
+#   unit         unit tests of the library, binary and examples (benchmarks are
+#                built in the build phase and run by scripts/bench.sh)
 #   integration  every tests/ target with --test-threads=2, because each test
 #                may boot a QEMU guest and two cores fit at most two at once
 #   doc          documentation tests
@@ -46,7 +47,7 @@ run_phase() {
 }
 
 run_phase build cargo test --release --all-targets --no-run
-run_phase unit cargo test --release --lib --bins --examples --benches -- "${test_args[@]}"
+run_phase unit cargo test --release --lib --bins --examples -- "${test_args[@]}"
 run_phase integration cargo test --release --test '*' -- --test-threads=2 "${test_args[@]}"
 run_phase doc cargo test --release --doc -- "${test_args[@]}"
 
