@@ -20,6 +20,7 @@
 //! A cgroup that cannot be created, joined or limited fails the start, as it does for Nomad's
 //! built-in drivers: a task running without its limits would be worse than one that does not run.
 
+use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -215,13 +216,31 @@ impl TaskCgroups {
     /// Reads the memory the task's memory cgroup charges in bytes (`memory.current` on v2,
     /// `memory.usage_in_bytes` on v1, page cache included), or `None` without such a cgroup.
     pub fn memory_usage(&self) -> Option<u64> {
+        read_counter(&self.open_memory_usage()?)
+    }
+
+    /// Opens the file that [`TaskCgroups::memory_usage`] reads, so that a caller sampling it
+    /// repeatedly pays the path lookup once and reads it with [`read_counter`].
+    pub fn open_memory_usage(&self) -> Option<File> {
         self.dirs.iter().find_map(|dir| {
             ["memory.current", "memory.usage_in_bytes"]
                 .iter()
-                .find_map(|file| std::fs::read_to_string(dir.join(file)).ok())
-                .and_then(|text| text.trim().parse().ok())
+                .find_map(|file| File::open(dir.join(file)).ok())
         })
     }
+}
+
+/// Reads a cgroup file that holds one number, such as `memory.current`, from its start.
+pub fn read_counter(file: &File) -> Option<u64> {
+    use std::os::unix::fs::FileExt;
+
+    let mut buffer = [0u8; 32];
+    let length = file.read_at(&mut buffer, 0).ok()?;
+    std::str::from_utf8(&buffer[..length])
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// Prepares the cgroups of `task` on this host with a memory limit of `memory_limit_mib`

@@ -84,6 +84,9 @@ struct Shared {
     evidence: Mutex<ExitEvidence>,
     events: broadcast::Sender<VmEvent>,
     process: ProcessWatch,
+    /// QEMU's `/proc/PID/stat`, opened once for the host side of stats. `None` when it could not
+    /// be opened, for example because QEMU already exited.
+    stat_file: Option<sys::StatFile>,
     exit: watch::Receiver<Option<VmExit>>,
     stop: stop::StopControl,
     span: tracing::Span,
@@ -221,6 +224,7 @@ impl Vm {
             evidence: Mutex::new(ExitEvidence::default()),
             events,
             process,
+            stat_file: sys::StatFile::open(saved.pid).ok(),
             exit,
             stop: stop::StopControl::default(),
             span,
@@ -348,6 +352,12 @@ impl Vm {
     /// and carries only the host side.
     pub async fn stats(&self, deadline: Duration) -> VmStats {
         stats::sample(self.shared(), deadline).await
+    }
+
+    /// Samples only the host side: QEMU's CPU time and RSS from `/proc`, without QMP. Returns
+    /// `None` once QEMU's `/proc` entry is gone.
+    pub fn host_stats(&self) -> Option<HostStats> {
+        stats::host_stats(self.shared())
     }
 }
 

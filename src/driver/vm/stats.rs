@@ -76,7 +76,7 @@ impl VmStats {
 
 pub(crate) async fn sample(shared: &Shared, deadline: Duration) -> VmStats {
     let taken_at = SystemTime::now();
-    let host = host_stats(shared.pid);
+    let host = host_stats(shared);
     let (guest, stale) = match tokio::time::timeout(deadline, guest_stats(shared)).await {
         Ok(Ok(guest)) => (Some(guest), None),
         Ok(Err(error)) => (None, Some(format!("QMP query failed: {error}"))),
@@ -96,8 +96,8 @@ pub(crate) async fn sample(shared: &Shared, deadline: Duration) -> VmStats {
     }
 }
 
-fn host_stats(pid: u32) -> Option<HostStats> {
-    let usage = sys::process_usage(pid).ok()?;
+pub(crate) fn host_stats(shared: &Shared) -> Option<HostStats> {
+    let usage = shared.stat_file.as_ref()?.usage().ok()?;
     Some(HostStats {
         user_cpu: ticks_to_duration(usage.user_ticks),
         system_cpu: ticks_to_duration(usage.system_ticks),
