@@ -148,6 +148,7 @@ pub fn run_plugin(name_override: Option<String>) -> anyhow::Result<()> {
     let program = std::env::args_os().next();
     let name = resolve_name(name_override, program.as_deref().map(Path::new))?;
     logging::install()?;
+    raise_open_file_limit();
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -166,6 +167,31 @@ pub fn run_plugin(name_override: Option<String>) -> anyhow::Result<()> {
         std::process::exit(1);
     }
     Ok(())
+}
+
+/// Raises the soft limit on open files to the hard limit, as Go programs (Nomad's own plugins
+/// among them) do at start-up. Each VM holds about five fds (QMP socket, run dir, pidfd,
+/// `/proc` stat file, memory cgroup file), so a common soft limit of 1024 would cap the plugin at
+/// about 200 VMs.
+fn raise_open_file_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current == limit.maximum {
+        return;
+    }
+    let raised = rustix::process::Rlimit {
+        current: limit.maximum,
+        maximum: limit.maximum,
+    };
+    match setrlimit(Resource::Nofile, raised) {
+        Ok(()) => {
+            tracing::debug!(from = ?limit.current, to = ?limit.maximum, "raised the open file limit")
+        }
+        Err(error) => {
+            tracing::warn!(%error, current = ?limit.current, "failed to raise the open file limit")
+        }
+    }
 }
 
 fn print_not_started_by_nomad() {
