@@ -31,6 +31,7 @@ declare -A package_probe=(
     [syslinux]=syslinux
     [syslinux-common]=/usr/lib/syslinux/mbr/mbr.bin
     [fdisk]=sfdisk
+    [iproute2]=ip
 )
 
 export DEBIAN_FRONTEND=noninteractive

@@ -12,4 +12,5 @@ mod plugin_tasks;
 mod qmp_faults;
 mod qmp_real;
 mod support;
+mod vm_isolation;
 mod vm_lifecycle;
