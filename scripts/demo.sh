@@ -17,6 +17,8 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 readonly repo
 readonly plugin_file="nomad-driver-qemu"
 readonly ready_marker="QEMU-GUEST-READY"
+# shellcheck source-path=SCRIPTDIR source=lib/nomad-agent.sh
+source "$repo/scripts/lib/nomad-agent.sh"
 
 run_setup=1
 builtin=0
@@ -60,20 +62,6 @@ work="$(mktemp -d -t nomad-demo-XXXXXX)"
 agent_pid=""
 addr=""
 
-# Prints the ids of the processes whose command line contains the work dir. Everything the
-# agent started (plugins, executors, QEMU) has it there, even after it was re-parented.
-pids_in_work_dir() {
-    local file pid
-    for file in /proc/[0-9]*/cmdline; do
-        pid="${file#/proc/}"
-        pid="${pid%/cmdline}"
-        [[ "$pid" == "$$" || "$pid" == "$BASHPID" ]] && continue
-        if tr '\0' ' ' 2>/dev/null <"$file" | grep -q -F -- "$work"; then
-            echo "$pid"
-        fi
-    done
-}
-
 cleanup() {
     local status=$?
     trap - EXIT INT TERM
@@ -81,36 +69,15 @@ cleanup() {
         # Stop the job first: a Nomad client leaves its tasks running when it exits.
         NOMAD_ADDR="$addr" "$nomad" job stop -detach vm >/dev/null 2>&1 || true
         sleep 1
-        kill -INT "$agent_pid" 2>/dev/null || true
-        for _ in $(seq 1 300); do
-            kill -0 "$agent_pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        kill -KILL -- "-$agent_pid" 2>/dev/null || true
     fi
-    local pid
-    for pid in $(pids_in_work_dir); do
-        kill -KILL "$pid" 2>/dev/null || true
-    done
-    # The Nomad client mounts a tmpfs per task that it removes only at garbage collection.
-    grep -o -- "$work[^ ]*" /proc/self/mounts | sort -r | xargs -r -n 1 umount --lazy || true
-    rm -rf -- "$work"
+    nomad_agent_stop "$agent_pid"
+    nomad_agent_remove_work_dir "$work"
     exit "$status"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-read -r http_port rpc_port serf_port < <(python3 -c '
-import socket
-ports = []
-sockets = []
-while len(ports) < 3:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    sockets.append(s)
-    ports.append(s.getsockname()[1])
-print(*ports)
-')
+read -r http_port rpc_port serf_port < <(nomad_agent_free_ports)
 addr="http://127.0.0.1:$http_port"
 export NOMAD_ADDR="$addr"
 
@@ -119,85 +86,24 @@ mkdir -p "$work/plugins" "$work/images"
 cp "$guest" "$work/images/guest.qcow2"
 
 if [[ $builtin -eq 1 ]]; then
-    plugin_block="plugin \"qemu\" {
-  config {
-    image_paths = [\"$work/images\"]
-  }
-}"
+    plugin_name="qemu"
 else
     cp "$plugin" "$work/plugins/$plugin_file"
-    plugin_block="plugin \"$plugin_file\" {
-  config {
-    image_paths = [\"$work/images\"]
-  }
-}"
+    plugin_name="$plugin_file"
 fi
-
-cat >"$work/agent.hcl" <<EOF
-data_dir             = "$work/data"
-plugin_dir           = "$work/plugins"
-bind_addr            = "127.0.0.1"
-log_level            = "INFO"
-disable_update_check = true
-
-advertise {
-  http = "127.0.0.1"
-  rpc  = "127.0.0.1"
-  serf = "127.0.0.1"
-}
-
-ports {
-  http = $http_port
-  rpc  = $rpc_port
-  serf = $serf_port
-}
-
-server {
-  enabled          = true
-  bootstrap_expect = 1
-}
-
-client {
-  enabled           = true
-  network_interface = "lo"
-  options {
-    # The cloud fingerprinters query link-local metadata addresses; Consul's polls port 8500.
-    "fingerprint.denylist" = "env_aws,env_gce,env_azure,env_digitalocean,consul"
-  }
-}
-
-consul {
-  auto_advertise   = false
-  server_auto_join = false
-  client_auto_join = false
-}
-
-telemetry {
-  publish_allocation_metrics = true
-  collection_interval        = "1s"
-}
-
-$plugin_block
-EOF
+# One task at a time, so Nomad's default gc_max_allocs of 50 is plenty.
+{
+    nomad_agent_config "$work" "$http_port" "$rpc_port" "$serf_port" 50
+    echo
+    nomad_agent_plugin_block "$plugin_name" "$work/images"
+} >"$work/agent.hcl"
 
 step "starting Nomad $("$nomad" version | head -n 1) on $addr (log: $work/agent.log)"
 setsid "$nomad" agent -config "$work/agent.hcl" >"$work/agent.log" 2>&1 &
 agent_pid=$!
 
 step "waiting for the node and the qemu driver to be ready"
-for attempt in $(seq 1 300); do
-    kill -0 "$agent_pid" 2>/dev/null || {
-        tail -n 40 "$work/agent.log" >&2
-        fail "the Nomad agent exited during start-up"
-    }
-    state="$("$nomad" node status -self -t '{{.Status}} {{with index .Drivers "qemu"}}{{.Healthy}}{{end}}' 2>/dev/null || true)"
-    [[ "$state" == "ready true" ]] && break
-    [[ $attempt -eq 300 ]] && {
-        tail -n 40 "$work/agent.log" >&2
-        fail "the node was not ready with a healthy qemu driver within 60 s (last state: '$state')"
-    }
-    sleep 0.2
-done
+nomad_agent_wait_ready "$nomad" "$agent_pid" "$work/agent.log" qemu || exit 1
 "$nomad" node status -self -verbose | sed -n '/^Drivers/,/^$/p;/driver.qemu/p'
 
 step "nomad job run examples/vm.nomad.hcl"
@@ -248,12 +154,8 @@ fi
 echo "nomad job stop to a dead task: ${stop_ms} ms (allocation client status: ${status%% *})"
 
 step "stopping the agent"
-kill -INT "$agent_pid"
-for _ in $(seq 1 300); do
-    kill -0 "$agent_pid" 2>/dev/null || break
-    sleep 0.1
-done
-leftover="$(pids_in_work_dir | tr '\n' ' ')"
+nomad_agent_interrupt "$agent_pid"
+leftover="$(nomad_agent_pids_in_dir "$work" | tr '\n' ' ')"
 if [[ -n "$leftover" ]]; then
     echo "processes left after the agent stopped: $leftover" >&2
     exit 1
