@@ -1,13 +1,12 @@
 //! The plugin process as Nomad's client sees it: the built binary is started with the magic
 //! cookie, its handshake line is read, and every call goes over its Unix socket with tonic.
 
-use std::path::{Path, PathBuf};
-use std::process::{ExitStatus, Stdio};
+use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use nomad_driver_qemu::driver::nomad::plugin::{MAGIC_COOKIE_KEY, MAGIC_COOKIE_VALUE};
+use nomad_driver_qemu::driver::nomad::plugin::MAGIC_COOKIE_KEY;
 use nomad_driver_qemu::driver::nomad::proto::base::{
     base_plugin_client::BasePluginClient, ConfigSchemaRequest, NomadConfig, NomadDriverConfig,
     PluginInfoRequest, PluginType, SetConfigRequest,
@@ -24,45 +23,30 @@ use nomad_driver_qemu::driver::nomad::proto::go_plugin::{
     grpc_controller_client::GrpcControllerClient, Empty,
 };
 use nomad_driver_qemu::driver::nomad::proto::hclspec::spec::Block;
-use rmpv::Value;
-use rustix::process::{kill_process, Pid, Signal};
+use rustix::process::{kill_process, Signal};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
-use tokio::process::{Child, Command};
-use tonic::transport::{Channel, Endpoint};
+use tokio::process::Command;
 use tonic::Code;
 use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
 
-/// Upper bound for the plugin to print its handshake or reply to a call.
-const REPLY_LIMIT: Duration = Duration::from_secs(10);
+use crate::support::plugin::{plugin_config, PluginProcess, REPLY_LIMIT};
 
-/// A running plugin process started as Nomad starts it.
+/// A running plugin process started as Nomad starts it, with its stderr lines collected.
 struct Plugin {
-    child: Child,
-    socket: PathBuf,
+    process: PluginProcess,
     stderr: Arc<Mutex<Vec<String>>>,
     stderr_reader: tokio::task::JoinHandle<()>,
-    _socket_dir: tempfile::TempDir,
 }
 
 impl Plugin {
-    /// Starts the binary with the magic cookie and reads its handshake line.
+    /// Starts the binary with the magic cookie and checks its handshake line.
     async fn start() -> Plugin {
-        let socket_dir = tempfile::tempdir().expect("temp dir for the socket");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_nomad-driver-qemu"))
-            .env(MAGIC_COOKIE_KEY, MAGIC_COOKIE_VALUE)
-            .env("PLUGIN_UNIX_SOCKET_DIR", socket_dir.path())
-            .env("RUST_LOG", "debug")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("plugin binary starts");
+        let mut process = PluginProcess::start(&[], Stdio::piped()).await;
 
         let stderr = Arc::new(Mutex::new(Vec::new()));
         let stderr_reader = {
             let lines = Arc::clone(&stderr);
-            let mut reader = BufReader::new(child.stderr.take().expect("stderr piped")).lines();
+            let mut reader = BufReader::new(process.take_stderr()).lines();
             tokio::spawn(async move {
                 while let Ok(Some(line)) = reader.next_line().await {
                     lines.lock().expect("stderr lock").push(line);
@@ -70,13 +54,7 @@ impl Plugin {
             })
         };
 
-        let mut stdout = BufReader::new(child.stdout.take().expect("stdout piped"));
-        let mut handshake = String::new();
-        tokio::time::timeout(REPLY_LIMIT, stdout.read_line(&mut handshake))
-            .await
-            .expect("handshake line within the limit")
-            .expect("stdout readable");
-
+        let handshake = process.handshake();
         let fields: Vec<&str> = handshake.trim_end_matches('\n').split('|').collect();
         assert_eq!(fields.len(), 6, "handshake {handshake:?}");
         assert_eq!(fields[0], "1", "core protocol in {handshake:?}");
@@ -84,11 +62,12 @@ impl Plugin {
         assert_eq!(fields[2], "unix", "network in {handshake:?}");
         assert_eq!(fields[4], "grpc", "protocol in {handshake:?}");
         assert_eq!(fields[5], "", "certificate field in {handshake:?}");
-        let socket = PathBuf::from(fields[3]);
-        assert_eq!(socket.parent(), Some(socket_dir.path()), "socket dir");
+        let socket = process.socket();
+        assert_eq!(socket.parent(), Some(process.socket_dir()), "socket dir");
         assert!(socket.as_os_str().len() < 108, "socket path length");
 
         // Nothing may follow the handshake on stdout.
+        let mut stdout = process.take_stdout();
         tokio::spawn(async move {
             let mut rest = String::new();
             let _ = stdout.read_to_string(&mut rest).await;
@@ -96,32 +75,10 @@ impl Plugin {
         });
 
         Plugin {
-            child,
-            socket,
+            process,
             stderr,
             stderr_reader,
-            _socket_dir: socket_dir,
         }
-    }
-
-    async fn channel(&self) -> Channel {
-        Endpoint::try_from(format!("unix://{}", self.socket.display()))
-            .expect("valid endpoint")
-            .connect()
-            .await
-            .expect("plugin socket accepts connections")
-    }
-
-    fn pid(&self) -> Pid {
-        let id = self.child.id().expect("plugin still running");
-        Pid::from_raw(id as i32).expect("non-zero pid")
-    }
-
-    async fn wait_exit(&mut self) -> ExitStatus {
-        tokio::time::timeout(REPLY_LIMIT, self.child.wait())
-            .await
-            .expect("plugin exits within the limit")
-            .expect("plugin exit status")
     }
 
     /// Returns every stderr line, after the process closed stderr.
@@ -157,26 +114,10 @@ fn assert_hclog_lines(lines: &[String]) {
     }
 }
 
-fn msgpack(value: &Value) -> Vec<u8> {
-    let mut bytes = Vec::new();
-    rmpv::encode::write_value(&mut bytes, value).expect("encode msgpack");
-    bytes
-}
-
-/// Encodes a plugin config as Nomad does: every schema key present, unset ones nil.
-fn plugin_config(image_paths: &[&str]) -> Vec<u8> {
-    let paths = image_paths.iter().map(|path| Value::from(*path)).collect();
-    msgpack(&Value::Map(vec![
-        (Value::from("args_allowlist"), Value::Nil),
-        (Value::from("emulators_allowlist"), Value::Nil),
-        (Value::from("image_paths"), Value::Array(paths)),
-    ]))
-}
-
 #[tokio::test]
 async fn plugin_serves_base_and_driver() {
     let mut plugin = Plugin::start().await;
-    let channel = plugin.channel().await;
+    let channel = plugin.process.connect().await;
     let mut base = BasePluginClient::new(channel.clone());
     let mut driver = DriverClient::new(channel.clone());
 
@@ -342,12 +283,12 @@ async fn plugin_serves_base_and_driver() {
         .expect("Controller/Shutdown");
     drop(fingerprints);
 
-    let status = plugin.wait_exit().await;
+    let status = plugin.process.wait_exit().await;
     assert_eq!(status.code(), Some(0), "{status}");
     assert!(
-        !plugin.socket.exists(),
+        !plugin.process.socket().exists(),
         "socket {} left behind",
-        plugin.socket.display()
+        plugin.process.socket().display()
     );
     assert_hclog_lines(&plugin.stderr_lines().await);
 }
@@ -356,20 +297,20 @@ async fn plugin_serves_base_and_driver() {
 async fn plugin_ignores_sigint_stops_on_sigterm() {
     let mut plugin = Plugin::start().await;
 
-    kill_process(plugin.pid(), Signal::INT).expect("send SIGINT");
+    kill_process(plugin.process.pid(), Signal::INT).expect("send SIGINT");
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let mut base = BasePluginClient::new(plugin.channel().await);
+    let mut base = BasePluginClient::new(plugin.process.connect().await);
     base.plugin_info(PluginInfoRequest {})
         .await
         .expect("PluginInfo after SIGINT");
 
-    kill_process(plugin.pid(), Signal::TERM).expect("send SIGTERM");
-    let status = plugin.wait_exit().await;
+    kill_process(plugin.process.pid(), Signal::TERM).expect("send SIGTERM");
+    let status = plugin.process.wait_exit().await;
     assert!(status.success(), "{status}");
     assert!(
-        !plugin.socket.exists(),
+        !plugin.process.socket().exists(),
         "socket {} left behind",
-        plugin.socket.display()
+        plugin.process.socket().display()
     );
     let lines = plugin.stderr_lines().await;
     assert_hclog_lines(&lines);
@@ -381,34 +322,8 @@ async fn plugin_ignores_sigint_stops_on_sigterm() {
 
 #[tokio::test]
 async fn plugin_name_from_flag() {
-    let socket_dir = tempfile::tempdir().expect("temp dir");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_nomad-driver-qemu"))
-        .args(["--plugin-name", "qemu-qmp"])
-        .env(MAGIC_COOKIE_KEY, MAGIC_COOKIE_VALUE)
-        .env("PLUGIN_UNIX_SOCKET_DIR", socket_dir.path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("plugin binary starts");
-    let mut stdout = BufReader::new(child.stdout.take().expect("stdout piped"));
-    let mut handshake = String::new();
-    tokio::time::timeout(REPLY_LIMIT, stdout.read_line(&mut handshake))
-        .await
-        .expect("handshake within the limit")
-        .expect("stdout readable");
-    let socket = handshake
-        .split('|')
-        .nth(3)
-        .expect("address field")
-        .to_owned();
-
-    let channel = Endpoint::try_from(format!("unix://{socket}"))
-        .expect("valid endpoint")
-        .connect()
-        .await
-        .expect("connect");
+    let mut plugin = PluginProcess::start(&["--plugin-name", "qemu-qmp"], Stdio::null()).await;
+    let channel = plugin.connect().await;
     let info = BasePluginClient::new(channel.clone())
         .plugin_info(PluginInfoRequest {})
         .await
@@ -420,12 +335,10 @@ async fn plugin_name_from_flag() {
         .shutdown(Empty {})
         .await
         .expect("Controller/Shutdown");
-    let status = tokio::time::timeout(REPLY_LIMIT, child.wait())
-        .await
-        .expect("exit within the limit")
-        .expect("exit status");
+    let status = plugin.wait_exit().await;
     assert_eq!(status.code(), Some(0));
-    assert!(!Path::new(&socket).exists(), "socket {socket} left behind");
+    let socket = plugin.socket();
+    assert!(!socket.exists(), "socket {} left behind", socket.display());
 }
 
 #[tokio::test]

@@ -2,11 +2,10 @@
 //! real guest booted from `fixtures/guest/guest.qcow2` under TCG.
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use nomad_driver_qemu::driver::nomad::plugin::{MAGIC_COOKIE_KEY, MAGIC_COOKIE_VALUE};
+use nomad_driver_qemu::driver::nomad::config::TASK_OPTIONS;
 use nomad_driver_qemu::driver::nomad::proto::base::{
     base_plugin_client::BasePluginClient, NomadConfig, SetConfigRequest,
 };
@@ -17,15 +16,11 @@ use nomad_driver_qemu::driver::nomad::proto::drivers::{
     WaitTaskRequest, WaitTaskResponse,
 };
 use rmpv::Value;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Streaming};
 
+use crate::support::plugin::{msgpack, plugin_config, PluginProcess, REPLY_LIMIT};
 use crate::support::{self, READY_MARKER};
-
-/// Upper bound for the plugin to print its handshake or reply to a quick call.
-const REPLY_LIMIT: Duration = Duration::from_secs(10);
 
 /// Upper bound for the guest to boot under TCG and print its ready marker.
 const BOOT_LIMIT: Duration = Duration::from_secs(90);
@@ -33,54 +28,22 @@ const BOOT_LIMIT: Duration = Duration::from_secs(90);
 /// The stop timeout sent as Nomad's `kill_timeout`.
 const KILL_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// A plugin process started as Nomad starts it, logging to a file.
+/// A plugin process started as Nomad starts it, logging to a file, and one connection to it.
 struct Plugin {
-    child: Child,
+    process: PluginProcess,
     channel: Channel,
-    _socket_dir: tempfile::TempDir,
 }
 
 impl Plugin {
     async fn start(log: &Path) -> Plugin {
-        let socket_dir = tempfile::tempdir().expect("temp dir for the socket");
         let log = std::fs::File::options()
             .create(true)
             .append(true)
             .open(log)
             .expect("plugin log file");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_nomad-driver-qemu"))
-            .env(MAGIC_COOKIE_KEY, MAGIC_COOKIE_VALUE)
-            .env("PLUGIN_UNIX_SOCKET_DIR", socket_dir.path())
-            .env("RUST_LOG", "debug")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .expect("plugin binary starts");
-
-        let mut stdout = BufReader::new(child.stdout.take().expect("stdout piped"));
-        let mut handshake = String::new();
-        tokio::time::timeout(REPLY_LIMIT, stdout.read_line(&mut handshake))
-            .await
-            .expect("handshake line within the limit")
-            .expect("stdout readable");
-        let socket = handshake
-            .trim_end()
-            .split('|')
-            .nth(3)
-            .unwrap_or_else(|| panic!("socket path in handshake {handshake:?}"))
-            .to_owned();
-        let channel = Endpoint::try_from(format!("unix://{socket}"))
-            .expect("valid endpoint")
-            .connect()
-            .await
-            .expect("plugin socket accepts connections");
-        Plugin {
-            child,
-            channel,
-            _socket_dir: socket_dir,
-        }
+        let process = PluginProcess::start(&[], log).await;
+        let channel = process.connect().await;
+        Plugin { process, channel }
     }
 
     fn driver(&self) -> DriverClient<Channel> {
@@ -89,28 +52,14 @@ impl Plugin {
 
     /// Sends the plugin config with `image_paths`, as the agent does after the handshake.
     async fn configure(&self, image_dir: &Path) {
-        let config = Value::Map(vec![
-            (
-                Value::from("image_paths"),
-                Value::Array(vec![Value::from(image_dir.to_str().expect("UTF-8 path"))]),
-            ),
-            (Value::from("args_allowlist"), Value::Nil),
-            (Value::from("emulators_allowlist"), Value::Nil),
-        ]);
         BasePluginClient::new(self.channel.clone())
             .set_config(SetConfigRequest {
-                msgpack_config: encode(&config),
+                msgpack_config: plugin_config(&[image_dir.to_str().expect("UTF-8 path")]),
                 nomad_config: Some(NomadConfig::default()),
                 plugin_api_version: "0.1.0".into(),
             })
             .await
             .expect("SetConfig accepts the config");
-    }
-
-    /// Kills the plugin with SIGKILL, the way a crash ends it.
-    async fn crash(mut self) {
-        self.child.start_kill().expect("SIGKILL the plugin");
-        self.child.wait().await.expect("plugin exit status");
     }
 }
 
@@ -148,20 +97,7 @@ impl TaskFixture {
     /// Returns the TaskConfig Nomad sends for a task with these driver `config` entries.
     /// Every other option of the schema is nil, as Nomad sends it.
     fn task(&self, id_suffix: &str, entries: &[(&str, Value)]) -> TaskConfig {
-        let options = [
-            "accelerator",
-            "args",
-            "boot_timeout",
-            "drive_interface",
-            "emulator",
-            "graceful_shutdown",
-            "guest_agent",
-            "image_path",
-            "machine_type",
-            "memory_overhead",
-            "port_map",
-        ];
-        let map = options
+        let map = TASK_OPTIONS
             .iter()
             .map(|key| {
                 let value = entries
@@ -175,7 +111,7 @@ impl TaskFixture {
         TaskConfig {
             id: format!("{alloc_id}/web/{id_suffix}"),
             name: "web".into(),
-            msgpack_driver_config: encode(&Value::Map(map)),
+            msgpack_driver_config: msgpack(&Value::Map(map)),
             resources: Some(Resources {
                 allocated_resources: Some(AllocatedTaskResources {
                     memory: Some(AllocatedMemoryResources {
@@ -212,12 +148,6 @@ impl TaskFixture {
             ],
         )
     }
-}
-
-fn encode(value: &Value) -> Vec<u8> {
-    let mut bytes = Vec::new();
-    rmpv::encode::write_value(&mut bytes, value).expect("msgpack encodes");
-    bytes
 }
 
 /// Returns QEMU's pid from the handle's JSON driver state.
@@ -447,7 +377,7 @@ async fn tasks_recover_after_crash() {
     let handle = start(&mut first.driver(), &task).await;
     let pid = handle_pid(&handle);
     support::wait_for_marker(&fixture.console, READY_MARKER, BOOT_LIMIT).await;
-    first.crash().await;
+    first.process.crash().await;
     assert!(process_alive(pid), "QEMU outlives the plugin");
 
     let second = Plugin::start(&fixture.plugin_log).await;

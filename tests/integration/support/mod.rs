@@ -1,5 +1,7 @@
 //! Shared helpers for the integration tests: guest fixtures, the QEMU binary, temp dirs, a
-//! limit on concurrent guest boots, and checks that no QEMU is left behind.
+//! limit on concurrent guest boots, checks that no QEMU is left behind, and the plugin process.
+
+pub mod plugin;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
