@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use futures::{stream, StreamExt};
+use nomad_driver_qemu::driver::nomad::config::TASK_OPTIONS;
 use nomad_driver_qemu::driver::nomad::plugin::{MAGIC_COOKIE_KEY, MAGIC_COOKIE_VALUE};
 use nomad_driver_qemu::driver::nomad::proto::base::{
     base_plugin_client::BasePluginClient, NomadConfig, SetConfigRequest,
@@ -329,21 +330,8 @@ fn task_config(root: &Path, image_dir: &Path, index: usize) -> Result<TaskConfig
         ("accelerator", Value::from("tcg")),
         ("graceful_shutdown", Value::from(true)),
     ];
-    let options = [
-        "accelerator",
-        "args",
-        "boot_timeout",
-        "drive_interface",
-        "emulator",
-        "graceful_shutdown",
-        "guest_agent",
-        "image_path",
-        "machine_type",
-        "memory_overhead",
-        "port_map",
-    ];
     // Nomad sends every option of the schema, nil where the job leaves it out.
-    let map = options
+    let map = TASK_OPTIONS
         .iter()
         .map(|key| {
             let value = entries
