@@ -24,6 +24,8 @@ set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 readonly repo
 readonly plugin_file="nomad-driver-qemu-qmp"
+# shellcheck source-path=SCRIPTDIR source=lib/nomad-agent.sh
+source "$repo/scripts/lib/nomad-agent.sh"
 
 quick=0
 out=""
@@ -76,30 +78,8 @@ work="$(mktemp -d -t nomad-bench-XXXXXX)"
 agent_pid=""
 addr=""
 
-# Prints the ids of the processes whose command line contains the work dir. Everything the
-# agent started (plugins, executors, logmon, QEMU) has it there, even after re-parenting.
-pids_in_work_dir() {
-    local file pid
-    for file in /proc/[0-9]*/cmdline; do
-        pid="${file#/proc/}"
-        pid="${pid%/cmdline}"
-        [[ "$pid" == "$$" || "$pid" == "$BASHPID" ]] && continue
-        if tr '\0' ' ' 2>/dev/null <"$file" | grep -q -F -- "$work"; then
-            echo "$pid"
-        fi
-    done
-}
-
 stop_agent() {
-    [[ -n "$agent_pid" ]] || return 0
-    if kill -0 "$agent_pid" 2>/dev/null; then
-        kill -INT "$agent_pid" 2>/dev/null || true
-        for _ in $(seq 1 300); do
-            kill -0 "$agent_pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        kill -KILL -- "-$agent_pid" 2>/dev/null || true
-    fi
+    nomad_agent_stop "$agent_pid"
     agent_pid=""
 }
 
@@ -115,29 +95,13 @@ cleanup() {
         sleep 2
     fi
     stop_agent
-    local pid
-    for pid in $(pids_in_work_dir); do
-        kill -KILL "$pid" 2>/dev/null || true
-    done
-    # The Nomad client mounts a tmpfs per task that it removes only at garbage collection.
-    grep -o -- "$work[^ ]*" /proc/self/mounts | sort -r | xargs -r -n 1 umount --lazy || true
-    rm -rf -- "$work"
+    nomad_agent_remove_work_dir "$work"
     exit "$status"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-read -r http_port rpc_port serf_port < <(python3 -c '
-import socket
-ports = []
-sockets = []
-while len(ports) < 3:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    sockets.append(s)
-    ports.append(s.getsockname()[1])
-print(*ports)
-')
+read -r http_port rpc_port serf_port < <(nomad_agent_free_ports)
 addr="http://127.0.0.1:$http_port"
 export NOMAD_ADDR="$addr"
 
@@ -145,82 +109,21 @@ mkdir -p "$work/plugins" "$work/images"
 cp "$repo/fixtures/guest/guest.qcow2" "$repo/fixtures/guest/guest-ignore.qcow2" "$work/images/"
 cp "$plugin" "$work/plugins/$plugin_file"
 
-cat >"$work/agent.hcl" <<EOF
-data_dir             = "$work/data"
-plugin_dir           = "$work/plugins"
-bind_addr            = "127.0.0.1"
-log_level            = "INFO"
-disable_update_check = true
-
-advertise {
-  http = "127.0.0.1"
-  rpc  = "127.0.0.1"
-  serf = "127.0.0.1"
-}
-
-ports {
-  http = $http_port
-  rpc  = $rpc_port
-  serf = $serf_port
-}
-
-server {
-  enabled          = true
-  bootstrap_expect = 1
-}
-
-client {
-  enabled           = true
-  network_interface = "lo"
-  gc_max_allocs     = 200
-  options {
-    # The cloud fingerprinters query link-local metadata addresses; Consul's polls port 8500.
-    "fingerprint.denylist" = "env_aws,env_gce,env_azure,env_digitalocean,consul"
-  }
-}
-
-consul {
-  auto_advertise   = false
-  server_auto_join = false
-  client_auto_join = false
-}
-
-telemetry {
-  publish_allocation_metrics = true
-  collection_interval        = "1s"
-}
-
-plugin "qemu" {
-  config {
-    image_paths = ["$work/images"]
-  }
-}
-
-plugin "$plugin_file" {
-  config {
-    image_paths = ["$work/images"]
-  }
-}
-EOF
+# Every timing run leaves a stopped allocation, more than Nomad's default gc_max_allocs of 50
+# in a full run.
+{
+    nomad_agent_config "$work" "$http_port" "$rpc_port" "$serf_port" 200
+    echo
+    nomad_agent_plugin_block qemu "$work/images"
+    echo
+    nomad_agent_plugin_block "$plugin_file" "$work/images"
+} >"$work/agent.hcl"
 
 nomad_version="$("$nomad" version | sed -n 1p)"
 step "starting $nomad_version on $addr with the qemu and qemu-qmp drivers"
 setsid "$nomad" agent -config "$work/agent.hcl" >"$work/agent.log" 2>&1 &
 agent_pid=$!
-
-for attempt in $(seq 1 300); do
-    kill -0 "$agent_pid" 2>/dev/null || {
-        tail -n 40 "$work/agent.log" >&2
-        fail "the Nomad agent exited during start-up"
-    }
-    state="$("$nomad" node status -self -t '{{.Status}} {{with index .Drivers "qemu"}}{{.Healthy}}{{end}} {{with index .Drivers "qemu-qmp"}}{{.Healthy}}{{end}}' 2>/dev/null || true)"
-    [[ "$state" == "ready true true" ]] && break
-    [[ $attempt -eq 300 ]] && {
-        tail -n 40 "$work/agent.log" >&2
-        fail "the node was not ready with healthy qemu and qemu-qmp drivers within 60 s (last state: '$state')"
-    }
-    sleep 0.2
-done
+nomad_agent_wait_ready "$nomad" "$agent_pid" "$work/agent.log" qemu qemu-qmp || exit 1
 
 step "measuring both drivers ($runs runs per case, VM counts $counts, CPU window ${cpu_window} s)"
 python3 "$repo/benches/nomad/side_by_side.py" measure \
@@ -230,7 +133,7 @@ python3 "$repo/benches/nomad/side_by_side.py" measure \
 
 step "stopping the agent"
 stop_agent
-leftover="$(pids_in_work_dir | tr '\n' ' ')"
+leftover="$(nomad_agent_pids_in_dir "$work" | tr '\n' ' ')"
 [[ -z "$leftover" ]] || fail "processes left after the agent stopped: $leftover"
 
 step "one plugin with $scale_counts QMP doubles over gRPC (${scale_window} s windows)"
