@@ -553,6 +553,21 @@ telemetry {
         process::signal_group(pid, Signal::KILL);
     }
 
+    /// Kills only the agent process with SIGKILL, as a crash or the OOM killer would, so that
+    /// its plugin processes survive. Then starts the agent again with the same configuration
+    /// and data dir and waits until the node is ready.
+    pub async fn crash_and_restart(&mut self) {
+        let mut child = self.child.take().expect("the agent runs");
+        let pid = child
+            .id()
+            .and_then(|pid| i32::try_from(pid).ok())
+            .expect("the agent has a pid");
+        process::signal_process(pid, Signal::KILL);
+        let _ = child.wait().await;
+        self.spawn();
+        self.wait_node_ready(Duration::from_secs(90)).await;
+    }
+
     /// Stops the agent and starts it again with the same configuration and data dir, then
     /// waits until the node is ready.
     pub async fn restart(&mut self) {

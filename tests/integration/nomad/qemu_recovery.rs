@@ -162,3 +162,44 @@ async fn qemu_vm_survives_agent_restart() {
 
     agent.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn qemu_vm_survives_agent_crash() {
+    let images = ImageDir::new();
+    let image = images.copy_guest("guest.qcow2", "agent-crash.qcow2");
+    let mut agent = NomadAgent::start(plugin_options(image_paths_config(images.path()))).await;
+    let started = Instant::now();
+    let _slot = support::guest_slot().await;
+
+    let vm = run_vm(
+        &agent,
+        &images,
+        &VmJob::new("qemu-agent-crash", TASK, &image),
+    )
+    .await;
+    let plugin = wait_single_plugin(&agent, None).await;
+
+    let crash = Instant::now();
+    agent.crash_and_restart().await;
+    println!(
+        "qemu_vm_survives_agent_crash: agent back after {:?}",
+        crash.elapsed()
+    );
+
+    // Nomad stores the plugin's address and dials it again after a crash, so the same plugin
+    // process keeps serving the task.
+    assert_eq!(
+        wait_single_plugin(&agent, None).await,
+        plugin,
+        "the agent launched a new plugin instead of reattaching to the surviving one"
+    );
+    assert_task_kept(&agent, &images, &vm, "the agent crashed").await;
+
+    let stop = stop_gracefully(&agent, &images, &vm, TASK, GRACEFUL_STOP_BOUND).await;
+    println!(
+        "qemu_vm_survives_agent_crash: graceful stop {stop:?}, time after agent start {:?}",
+        started.elapsed()
+    );
+
+    agent.shutdown().await;
+}
