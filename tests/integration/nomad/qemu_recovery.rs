@@ -93,113 +93,107 @@ async fn assert_task_kept(agent: &NomadAgent, images: &ImageDir, vm: &RunningVm,
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn qemu_vm_survives_plugin_kill() {
+/// What happens to the plugin or the agent while the VM runs.
+#[derive(Debug, Clone, Copy)]
+enum Disruption {
+    /// SIGKILL of the plugin process: Nomad launches a new one and recovers the task.
+    PluginKill,
+    /// A graceful agent restart (SIGINT), which also ends the plugin.
+    AgentRestart,
+    /// SIGKILL of the agent alone: the new agent reattaches to the surviving plugin.
+    AgentCrash,
+}
+
+impl Disruption {
+    fn name(self) -> &'static str {
+        match self {
+            Disruption::PluginKill => "plugin-kill",
+            Disruption::AgentRestart => "agent-restart",
+            Disruption::AgentCrash => "agent-crash",
+        }
+    }
+
+    fn cause(self) -> &'static str {
+        match self {
+            Disruption::PluginKill => "the plugin was killed",
+            Disruption::AgentRestart => "the agent restarted",
+            Disruption::AgentCrash => "the agent crashed",
+        }
+    }
+
+    /// Applies the disruption and checks which plugin process serves the task afterwards.
+    async fn apply(self, agent: &mut NomadAgent) {
+        let plugin = wait_single_plugin(agent, None).await;
+        let begun = Instant::now();
+        match self {
+            Disruption::PluginKill => {
+                process::signal_process(plugin, Signal::KILL);
+                let relaunched = wait_single_plugin(agent, Some(plugin)).await;
+                println!(
+                    "plugin {plugin} killed, {relaunched} up after {:?}",
+                    begun.elapsed()
+                );
+            }
+            Disruption::AgentRestart => {
+                let agent_pid = agent.pid().expect("the agent runs");
+                agent.restart().await;
+                println!("agent restarted in {:?}", begun.elapsed());
+                assert_ne!(agent.pid(), Some(agent_pid), "the agent was not restarted");
+            }
+            Disruption::AgentCrash => {
+                agent.crash_and_restart().await;
+                println!("agent back after {:?}", begun.elapsed());
+                // Nomad stores the plugin's address and dials it again after a crash, so the
+                // same plugin process keeps serving the task.
+                assert_eq!(
+                    wait_single_plugin(agent, None).await,
+                    plugin,
+                    "the agent launched a new plugin instead of reattaching to the surviving one"
+                );
+            }
+        }
+    }
+}
+
+/// Runs a VM, applies `disruption`, checks that the task kept its QEMU process, and stops the
+/// VM gracefully.
+async fn survive(disruption: Disruption) {
+    let name = disruption.name();
     let images = ImageDir::new();
-    let image = images.copy_guest("guest.qcow2", "plugin-kill.qcow2");
-    let agent = NomadAgent::start(plugin_options(image_paths_config(images.path()))).await;
+    let image = images.copy_guest("guest.qcow2", &format!("{name}.qcow2"));
+    let mut agent = NomadAgent::start(plugin_options(image_paths_config(images.path()))).await;
     let started = Instant::now();
     let _slot = support::guest_slot().await;
 
     let vm = run_vm(
         &agent,
         &images,
-        &VmJob::new("qemu-plugin-kill", TASK, &image),
+        &VmJob::new(&format!("qemu-{name}"), TASK, &image),
     )
     .await;
-
-    let plugin = wait_single_plugin(&agent, None).await;
-    process::signal_process(plugin, Signal::KILL);
-    let killed = Instant::now();
-    let relaunched = wait_single_plugin(&agent, Some(plugin)).await;
-    println!(
-        "qemu_vm_survives_plugin_kill: plugin {plugin} killed, {relaunched} up after {:?}",
-        killed.elapsed()
-    );
-
-    assert_task_kept(&agent, &images, &vm, "the plugin was killed").await;
+    disruption.apply(&mut agent).await;
+    assert_task_kept(&agent, &images, &vm, disruption.cause()).await;
 
     let stop = stop_gracefully(&agent, &images, &vm, TASK, GRACEFUL_STOP_BOUND).await;
     println!(
-        "qemu_vm_survives_plugin_kill: graceful stop {stop:?}, time after agent start {:?}",
+        "{name}: graceful stop {stop:?}, time after agent start {:?}",
         started.elapsed()
     );
 
     agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn qemu_vm_survives_plugin_kill() {
+    survive(Disruption::PluginKill).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn qemu_vm_survives_agent_restart() {
-    let images = ImageDir::new();
-    let image = images.copy_guest("guest.qcow2", "agent-restart.qcow2");
-    let mut agent = NomadAgent::start(plugin_options(image_paths_config(images.path()))).await;
-    let started = Instant::now();
-    let _slot = support::guest_slot().await;
-
-    let vm = run_vm(
-        &agent,
-        &images,
-        &VmJob::new("qemu-agent-restart", TASK, &image),
-    )
-    .await;
-
-    let agent_pid = agent.pid().expect("the agent runs");
-    let restart = Instant::now();
-    agent.restart().await;
-    println!(
-        "qemu_vm_survives_agent_restart: agent restarted in {:?}",
-        restart.elapsed()
-    );
-    assert_ne!(agent.pid(), Some(agent_pid), "the agent was not restarted");
-
-    assert_task_kept(&agent, &images, &vm, "the agent restarted").await;
-
-    let stop = stop_gracefully(&agent, &images, &vm, TASK, GRACEFUL_STOP_BOUND).await;
-    println!(
-        "qemu_vm_survives_agent_restart: graceful stop {stop:?}, time after agent start {:?}",
-        started.elapsed()
-    );
-
-    agent.shutdown().await;
+    survive(Disruption::AgentRestart).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn qemu_vm_survives_agent_crash() {
-    let images = ImageDir::new();
-    let image = images.copy_guest("guest.qcow2", "agent-crash.qcow2");
-    let mut agent = NomadAgent::start(plugin_options(image_paths_config(images.path()))).await;
-    let started = Instant::now();
-    let _slot = support::guest_slot().await;
-
-    let vm = run_vm(
-        &agent,
-        &images,
-        &VmJob::new("qemu-agent-crash", TASK, &image),
-    )
-    .await;
-    let plugin = wait_single_plugin(&agent, None).await;
-
-    let crash = Instant::now();
-    agent.crash_and_restart().await;
-    println!(
-        "qemu_vm_survives_agent_crash: agent back after {:?}",
-        crash.elapsed()
-    );
-
-    // Nomad stores the plugin's address and dials it again after a crash, so the same plugin
-    // process keeps serving the task.
-    assert_eq!(
-        wait_single_plugin(&agent, None).await,
-        plugin,
-        "the agent launched a new plugin instead of reattaching to the surviving one"
-    );
-    assert_task_kept(&agent, &images, &vm, "the agent crashed").await;
-
-    let stop = stop_gracefully(&agent, &images, &vm, TASK, GRACEFUL_STOP_BOUND).await;
-    println!(
-        "qemu_vm_survives_agent_crash: graceful stop {stop:?}, time after agent start {:?}",
-        started.elapsed()
-    );
-
-    agent.shutdown().await;
+    survive(Disruption::AgentCrash).await;
 }
