@@ -230,7 +230,7 @@ impl TaskCgroups {
     }
 }
 
-/// Reads a cgroup file that holds one number, such as `memory.current`, from its start.
+/// Reads a cgroup file that contains one number, such as `memory.current`, from its start.
 pub fn read_counter(file: &File) -> Option<u64> {
     use std::os::unix::fs::FileExt;
 

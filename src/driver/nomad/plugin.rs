@@ -170,7 +170,7 @@ pub fn run_plugin(name_override: Option<String>) -> anyhow::Result<()> {
 }
 
 /// Raises the soft limit on open files to the hard limit, as Go programs (Nomad's own plugins
-/// among them) do at start-up. Each VM holds about five fds (QMP socket, run dir, pidfd,
+/// among them) do at start-up. Each VM keeps about five fds open (QMP socket, run dir, pidfd,
 /// `/proc` stat file, memory cgroup file), so a common soft limit of 1024 would cap the plugin at
 /// about 200 VMs.
 fn raise_open_file_limit() {

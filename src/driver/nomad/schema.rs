@@ -156,12 +156,11 @@ mod tests {
         ("emulators_allowlist", "list(string)", false),
     ];
 
-    #[test]
-    fn task_spec_keeps_built_in_attrs() {
-        let spec = task_config_spec();
-        let attributes = attributes(&spec);
-
-        for (name, hcl_type, required) in BUILT_IN_TASK_ATTRS {
+    /// Checks that `spec` has every attribute of `expected` with its name, type and required
+    /// flag.
+    fn assert_attrs(spec: &Spec, expected: &[(&str, &str, bool)]) {
+        let attributes = attributes(spec);
+        for &(name, hcl_type, required) in expected {
             let child = attributes
                 .get(name)
                 .unwrap_or_else(|| panic!("{name} missing"));
@@ -173,20 +172,15 @@ mod tests {
     }
 
     #[test]
+    fn task_spec_keeps_built_in_attrs() {
+        assert_attrs(&task_config_spec(), &BUILT_IN_TASK_ATTRS);
+    }
+
+    #[test]
     fn config_spec_keeps_built_in_attrs() {
         let spec = config_spec();
-        let attributes = attributes(&spec);
-
-        assert_eq!(attributes.len(), BUILT_IN_CONFIG_ATTRS.len());
-        for (name, hcl_type, required) in BUILT_IN_CONFIG_ATTRS {
-            let child = attributes
-                .get(name)
-                .unwrap_or_else(|| panic!("{name} missing"));
-            let attr = attr_of(child);
-            assert_eq!(attr.name, name);
-            assert_eq!(attr.r#type, hcl_type, "type of {name}");
-            assert_eq!(attr.required, required, "required flag of {name}");
-        }
+        assert_eq!(attributes(&spec).len(), BUILT_IN_CONFIG_ATTRS.len());
+        assert_attrs(&spec, &BUILT_IN_CONFIG_ATTRS);
     }
 
     #[test]

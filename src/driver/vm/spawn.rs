@@ -14,8 +14,8 @@ use super::argv::{Piece, QemuCommandLine, QmpMonitor};
 use super::error::VmError;
 use super::sys::{self, ChildSetup, RunDir, UserIds, QMP_CHILD_FDS};
 
-/// File name of the QMP socket inside the VM's run directory. The VM layer holds its only
-/// connection.
+/// File name of the QMP socket inside the VM's run directory. The VM layer keeps the only
+/// connection to it.
 pub const QMP_SOCKET_NAME: &str = "qmp.sock";
 
 /// File name of the second QMP socket, left free for operators (`nomad-driver-qemu qmp`),

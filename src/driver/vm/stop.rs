@@ -11,7 +11,7 @@ use super::sys;
 use super::{Shared, VmError, VmEvent};
 use crate::qmp::commands;
 
-/// Longest wait for the reply to `system_powerdown` (the whole wait is also capped by the stop
+/// Maximum wait for the reply to `system_powerdown` (the whole wait is also capped by the stop
 /// timeout). QEMU replies in under a millisecond when it is healthy.
 const POWERDOWN_REPLY_TIMEOUT: Duration = Duration::from_secs(2);
 

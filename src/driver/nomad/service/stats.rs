@@ -33,7 +33,7 @@ pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(1);
 /// Shortest collection interval honoured, so that a bad request cannot make a busy loop.
 const MIN_INTERVAL: Duration = Duration::from_millis(100);
 
-/// Longest collection interval: one day. Longer ones are clamped, because tokio's interval
+/// Maximum collection interval: one day. Longer ones are clamped, because tokio's interval
 /// timer panics when a period overflows its clock.
 const MAX_INTERVAL: Duration = Duration::from_secs(24 * 60 * 60);
 
